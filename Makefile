@@ -1,0 +1,53 @@
+# minillm: `make book` renders the PDF/HTML book, `make test` runs every test and re-executes every notebook cell.
+# Both set up everything they need: the virtual environment (.venv), the library, and the corpus.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+JOBS ?= 2
+
+.PHONY: all venv corpus export book test test-fast clean-nbs benchmarks help
+all: book
+
+help:
+	@echo "make book    render book/minillm.pdf and book/index.html from the notebooks (no execution)"
+	@echo "make test    unit tests + every notebook cell re-executed and compared (nbval)"
+	@echo "make export  regenerate minillm/ from nbs/ (nbdev-export)"
+	@echo "make clean-nbs  strip notebook metadata (nbdev-clean) before committing"
+
+$(STAMP): requirements-dev.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+venv: $(STAMP)
+
+# The corpus comes from the cache, Project Gutenberg or the Debian package r-cran-janeaustenr. The book's outputs
+# are computed on the Debian text, so the build fetches that one (apt-get download needs no root; on a fresh
+# machine the package lists may be empty, so as root we refresh them once).
+corpus: $(STAMP)
+	@$(PY) -c "from minillm.data import load_novels; load_novels('debian')" 2>/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && apt-get update -qq >/dev/null 2>&1; $(PY) -c "from minillm.data import load_novels; load_novels('debian')"; }
+
+export: $(STAMP)
+	$(VENV)/bin/nbdev-export
+
+book: $(STAMP) export
+	@if command -v quarto >/dev/null 2>&1; then quarto render; else $(PY) tools/render_book.py; fi
+
+# nbval: every code cell is re-executed in a fresh kernel and its outputs compared with the committed ones.
+test: $(STAMP) corpus
+	$(PY) -m pytest -q -n $(JOBS) --dist loadscope tests nbs --nbval --nbval-current-env \
+	  --nbval-sanitize-with nbs/sanitize.cfg -p no:randomly
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -n $(JOBS) tests
+
+clean-nbs: $(STAMP)
+	$(VENV)/bin/nbdev-clean
+
+benchmarks: $(STAMP) corpus
+	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

@@ -1,0 +1,7 @@
+"""Build a Large Language Model (From Scratch): the library the book builds, trained on Jane Austen
+
+Modules:
+
+- `minillm.data`: Where the text comes from, how we get it without surprises, what it looks like, and the split every later chapter uses."""
+
+__version__ = "0.1.0"
