@@ -1,0 +1,301 @@
+"""tools/render_book.py: the book renderer used by `make book` where Quarto is not installed.
+
+A small fake book (its own _quarto.yml, a preface and a part with two chapters, generated here with nbformat) uses
+every feature the chapters use; we render it once and check the HTML pages and the Typst source behind the PDF.
+Then we break it in the ways a writer does (invalid JSON, a missing chapter, an unresolved reference, markup Typst
+rejects) and check that the build fails naming the file, and leaves the previously rendered book as it was.
+"""
+import base64, html, importlib.util, re, shutil, struct, subprocess, sys, zlib
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("pypandoc")
+pytest.importorskip("typst")
+pytest.importorskip("yaml")
+nbformat = pytest.importorskip("nbformat")
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tools" / "render_book.py"
+
+spec = importlib.util.spec_from_file_location("render_book", SCRIPT)
+rb = importlib.util.module_from_spec(spec)
+sys.modules["render_book"] = rb  # dataclasses look their module up
+spec.loader.exec_module(rb)
+
+QUARTO_YML = """\
+project:
+  type: book
+  output-dir: book
+book:
+  title: "A Test Book"
+  subtitle: "with a subtitle"
+  author: "Ann Author"
+  date: "2024-01-02"
+  output-file: testbook
+  chapters:
+    - nbs/index.ipynb
+    - part: "Part One"
+      chapters:
+        - nbs/01_one.ipynb
+        - nbs/02_two.ipynb
+number-sections: true
+format:
+  html:
+    toc: true
+  typst:
+    toc: true
+    papersize: a4
+"""
+
+
+def png(w=8, h=6):
+    "A tiny valid PNG, without matplotlib."
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    rows = b"".join(b"\x00" + b"\x20\x60\xc0" * w for _ in range(h))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+SVG = '<svg xmlns="http://www.w3.org/2000/svg" width="40" height="20"><rect width="40" height="20" fill="teal"/></svg>'
+TABLE = ('<div><style scoped>.dataframe td {color: red}</style><table border="1" class="dataframe"><thead>'
+         '<tr><th></th><th>tokens</th></tr></thead><tbody><tr><th>0</th><td>4242</td></tr></tbody></table></div>')
+
+
+def stream(text, name="stdout"):
+    return new_output("stream", name=name, text=text)
+
+
+def write_project(root: Path):
+    (root / "nbs").mkdir(parents=True)
+    (root / "_quarto.yml").write_text(QUARTO_YML)
+    index = new_notebook(cells=[
+        new_markdown_cell("# Preface {#sec-preface}\n\n> What this test book is for."),
+        new_markdown_cell("Read @sec-one-second first, then [the second chapter](02_two.ipynb) and "
+                          "[its section](02_two.ipynb#sec-two-a)."),
+    ])
+    one = new_notebook(cells=[
+        new_markdown_cell("# Chapter one {#sec-one}\n\n> The lead of chapter one."),
+        new_code_cell("#| default_exp one"),
+        new_markdown_cell("#| export\nThe module docstring of one."),
+        new_markdown_cell("## First section {#sec-one-first}\n\nInline math $a^2 + b^2$ and display math\n\n"
+                          "$$\\sum_{i=1}^n x_i$$\n\nSee @sec-one-second below."),
+        new_markdown_cell("::: {.callout-warning}\n## Mind this\nThe warning body.\n:::\n\n"
+                          "::: {.callout-tip title=\"A titled tip\"}\nThe tip body.\n:::\n\n"
+                          "::: {.callout-note}\nAn untitled note.\n:::"),
+        new_code_cell("# NBVAL_IGNORE_OUTPUT\nprint('visible code')",
+                      outputs=[stream("\x1b[32mvisible\x1b[0m output\n"), stream("warned\n", "stderr")]),
+        new_code_cell("#| hide\nsecret_hidden_code()", outputs=[stream("secret hidden output\n")]),
+        new_code_cell("#| include: false\nsecret_excluded_code()", outputs=[stream("secret excluded output\n")]),
+        new_code_cell("#| echo: false\nechoed_code_absent()", outputs=[stream("echo false output\n")]),
+        new_code_cell("#| output: false\nshown_code_without_output()", outputs=[stream("output false output\n")]),
+        new_code_cell("#| label: fig-dots\n#| fig-cap: \"Some *blue* dots.\"\nplot_dots()", outputs=[
+            new_output("display_data", data={"image/png": base64.b64encode(png()).decode(),
+                                              "text/plain": "<Figure size 640x480 with 1 Axes>"})]),
+        new_code_cell("draw_svg()", outputs=[new_output("display_data", data={"image/svg+xml": SVG, "text/plain": "<svg>"})]),
+        new_code_cell("frame", outputs=[new_output("execute_result", execution_count=1,
+                                                   data={"text/html": TABLE, "text/plain": "   tokens\n0  4242"})]),
+        new_code_cell("# NBVAL_RAISES_EXCEPTION\n1/0", outputs=[new_output(
+            "error", ename="ZeroDivisionError", evalue="division by zero",
+            traceback=["\x1b[0;31m---------\x1b[0m", "\x1b[0;31mZeroDivisionError\x1b[0m: division by zero"])]),
+        new_markdown_cell("A plain fenced block:\n\n```\nno language here\n```\n\n"
+                          "::: {.content-visible when-format=\"html\"}\nOnly on the web.\n:::\n\n"
+                          "::: {.content-visible when-format=\"pdf\"}\nOnly on paper.\n:::"),
+        new_markdown_cell("## Second section {#sec-one-second}\n\nAs @fig-dots shows, and as @sec-one-first said. "
+                          "The next chapter is @sec-two; its first section is [here](02_two.ipynb#sec-two-a)."),
+    ])
+    two = new_notebook(cells=[
+        new_markdown_cell("# Chapter two {#sec-two}\n\n> The lead of chapter two."),
+        new_markdown_cell("## A section {#sec-two-a}\n\nBack to @sec-one-second and @fig-dots, and [the preface](index.ipynb)."),
+        new_code_cell("show_markdown()", outputs=[new_output("display_data", data={"text/markdown": "**markdown output**",
+                                                                                    "text/plain": "<md>"})]),
+    ])
+    for name, nb in (("index", index), ("01_one", one), ("02_two", two)):
+        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+        nbformat.write(nb, root / "nbs" / f"{name}.ipynb")
+    return root
+
+
+def text_of(path: Path):
+    "An HTML page's text as a reader sees it: tags removed, entities decoded, non-breaking spaces as spaces."
+    return html.unescape(re.sub(r"<[^>]+>", "", path.read_text())).replace("\xa0", " ")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = write_project(tmp_path_factory.mktemp("book"))
+    result = rb.render(root)
+    return root, result
+
+
+def test_outputs_exist(built):
+    root, r = built
+    book = root / "book"
+    assert r.pdf == book / "testbook.pdf" and r.pdf.read_bytes().startswith(b"%PDF")
+    assert r.pages >= 5  # title, contents, preface, part, two chapters
+    assert sorted(p.name for p in book.glob("*.html")) == ["01_one.html", "02_two.html", "index.html"]
+    assert (book / "style.css").exists()
+    assert {p.suffix for p in (book / "media" / "01_one").iterdir()} == {".png", ".svg"}
+    assert not list(root.glob(".book-tmp*")), "temporary directory left behind"
+    assert not list(book.glob("*.typ")), "intermediate files published"
+
+
+def test_html_numbers_and_cross_references(built):
+    root, _ = built
+    one, two, index = (root / "book" / p for p in ("01_one.html", "02_two.html", "index.html"))
+    t1 = text_of(one)
+    assert "1 Chapter one" in t1 and "1.1 First section" in t1 and "1.2 Second section" in t1
+    assert "Figure 1.1: Some blue dots." in t1
+    assert "As Figure 1.1 shows, and as Section 1.1 said. The next chapter is Chapter 2" in t1
+    h1 = one.read_text()
+    assert 'href="#fig-dots"' in h1 and 'href="#sec-one-first"' in h1
+    assert 'href="02_two.html"' in h1 and 'href="02_two.html#sec-two-a"' in h1
+    assert 'id="fig-dots"' in h1 and "<figcaption" in h1
+    h2 = two.read_text()
+    assert "Back to Section 1.2 and Figure 1.1" in text_of(two)
+    assert 'href="01_one.html#sec-one-second"' in h2 and 'href="01_one.html#fig-dots"' in h2
+    assert 'href="index.html">the preface</a>' in h2
+    hi = index.read_text()
+    assert "Read Section 1.2 first" in text_of(index) and 'href="01_one.html#sec-one-second"' in hi
+    assert 'href="02_two.html">the second chapter' in hi and 'href="02_two.html#sec-two-a"' in hi
+    assert "Preface" in text_of(index) and "1 Preface" not in text_of(index)  # the preface is unnumbered
+
+
+def test_html_cells(built):
+    root, _ = built
+    pages = [(root / "book" / p).read_text() for p in ("index.html", "01_one.html", "02_two.html")]
+    everything = "\n".join(pages)
+    for absent in ("#|", "NBVAL", "default_exp", "secret_hidden", "secret_excluded", "echoed_code_absent",
+                   "output false output", "\x1b", "[32m", "@sec-", "@fig-", "??"):
+        assert absent not in everything, absent
+    one = pages[1]
+    for present in ("The module docstring of one.", "visible code", "visible output", "warned", "echo false output",
+                    "shown_code_without_output", "ZeroDivisionError: division by zero", "<math", "4242", "<table"):
+        assert present in one, present
+    assert 'class="sourceCode python' in one  # highlighted
+    assert "cell-output-stderr" in one and "cell-output-error" in one
+    assert re.search(r'<img src="media/01_one/[^"]+\.png"', one) and re.search(r'<img src="media/01_one/[^"]+\.svg"', one)
+    assert "<strong>markdown output</strong>" in pages[2]
+    assert "no language here" in one and "Only on the web." in one and "Only on paper." not in one
+
+
+def test_html_callouts_lead_and_page(built):
+    root, _ = built
+    one = (root / "book" / "01_one.html").read_text()
+    assert 'class="callout callout-warning"' in one and "Mind this" in one and "The warning body." in one
+    assert 'class="callout callout-tip"' in one and "A titled tip" in one
+    assert 'class="callout callout-note"' in one and re.search(r'class="callout-title">\s*Note\s*<', one)
+    assert 'class="lead"' in one and "The lead of chapter one." in one
+    assert '<meta name="viewport"' in one and 'href="style.css"' in one
+    # sidebar: the part, the current chapter highlighted with its sections; prev/next
+    assert "Part I · Part One" in one and '<li class="active"><a href="01_one.html">' in one
+    assert 'href="#sec-one-first"' in one.split('class="sections"')[1].split("</ul>")[0]
+    assert 'class="prev" href="index.html"' in one and 'class="next" href="02_two.html"' in one
+    index = (root / "book" / "index.html").read_text()
+    assert "A Test Book" in index and "with a subtitle" in index and "Ann Author" in index
+    assert 'class="prev"' not in index and 'href="testbook.pdf"' in index
+
+
+def test_typst_source(built):
+    _, r = built
+    src = r.typst_source
+    assert '#part("I", "Part One")' in src
+    assert '#callout("warning", "Mind this")' in src and '#callout("tip", "A titled tip")' in src
+    assert "Figure~1.1" in src or "Figure\u00a01.1" in src
+    assert "#link(<sec-one-second>)" in src and "#link(<fig-dots>)" in src
+    assert '#set heading(numbering: (..) => "1.2"' in src and "#lead[" in src
+    assert "#table(" in src  # the HTML table output, as a Typst table
+    assert 'image("media/01_one/' in src
+    assert "#link(<sec-two>)[the second chapter]" in src and "#link(<sec-two-a>)[its section]" in src
+    assert "Only on paper." in src and "Only on the web." not in src and "no language here" in src
+    for absent in ("#|", "NBVAL", "secret_hidden", "echoed_code_absent", "output false output", "\x1b", "#cite"):
+        assert absent not in src, absent
+
+
+def test_plain_text_and_directives():
+    assert rb.plain_text("\x1b[31mred\x1b[0m and\r\n 10%\r100%\n") == "red and\n100%\n"
+    assert rb.parse_directives(["label: fig-x", 'fig-cap: "A *b* c"']) == {"label": "fig-x", "fig-cap": "A *b* c"}
+    assert rb.parse_directives(["label: fig-x", "fig-cap: The *b* c"])["fig-cap"] == "The *b* c"
+    assert rb.parse_directives(["export"]) == {"export": True}
+    assert rb.parse_directives(["default_exp data", "hide"]) == {"default_exp": "data", "hide": True}
+
+
+def test_missing_package_message():
+    with pytest.raises(rb.BookError, match="pip install pypandoc-binary typst"):
+        rb.need("no_such_module_for_the_book", "typst")
+
+
+# --- failures: a clear message naming the file, and the previous book left as it was --------------------------------
+
+@pytest.fixture
+def project(built, tmp_path):
+    root = tmp_path / "proj"
+    shutil.copytree(built[0], root)
+    return root
+
+
+def fails(root: Path, capsys, *names):
+    before = {p.name: p.read_bytes() for p in (root / "book").iterdir() if p.is_file()}
+    assert rb.main(["--project", str(root)]) == 1
+    err = capsys.readouterr().err
+    for name in names:
+        assert name in err, (name, err)
+    after = {p.name: p.read_bytes() for p in (root / "book").iterdir() if p.is_file()}
+    assert after == before, "a failed build changed the previous book"
+    assert not list(root.glob(".book-tmp*")), "temporary directory left behind"
+    return err
+
+
+def test_invalid_json(project, capsys):
+    (project / "nbs" / "02_two.ipynb").write_text('{"cells": [')
+    err = fails(project, capsys, "nbs/02_two.ipynb", "invalid JSON")
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_missing_chapter(project, capsys):
+    cfg = project / "_quarto.yml"
+    cfg.write_text(cfg.read_text().replace("        - nbs/02_two.ipynb", "        - nbs/02_two.ipynb\n        - nbs/03_gone.ipynb"))
+    fails(project, capsys, "nbs/03_gone.ipynb", "does not exist")
+
+
+def test_unresolved_reference(project, capsys):
+    nb = nbformat.read(project / "nbs" / "02_two.ipynb", as_version=4)
+    nb.cells[1].source += "\n\nSee @sec-nowhere."
+    nbformat.write(nb, project / "nbs" / "02_two.ipynb")
+    fails(project, capsys, "nbs/02_two.ipynb (cell 1)", "@sec-nowhere")
+
+
+def test_link_to_missing_section(project, capsys):
+    nb = nbformat.read(project / "nbs" / "index.ipynb", as_version=4)
+    nb.cells[1].source += " And [this](01_one.ipynb#sec-gone)."
+    nbformat.write(nb, project / "nbs" / "index.ipynb")
+    fails(project, capsys, "nbs/index.ipynb (cell 1)", "#sec-gone")
+
+
+def test_typst_error_names_the_cell(project, capsys):
+    nb = nbformat.read(project / "nbs" / "02_two.ipynb", as_version=4)
+    nb.cells.append(new_markdown_cell("```{=typst}\n#no-such-function()\n```"))
+    nbformat.write(nb, project / "nbs" / "02_two.ipynb")
+    fails(project, capsys, "nbs/02_two.ipynb (cell 3)", "Typst failed")
+
+
+def test_rebuild_replaces_the_book(project):
+    (project / "book" / "stale.html").write_text("from an old build")
+    assert rb.main(["--project", str(project)]) == 0
+    assert not (project / "book" / "stale.html").exists() and (project / "book" / "index.html").exists()
+    assert not list(project.glob(".book-tmp*"))
+
+
+# --- the real book ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(not (ROOT / "_quarto.yml").exists(), reason="no _quarto.yml")
+def test_real_book_renders(tmp_path):
+    "What `make book` runs without Quarto, on this repository's _quarto.yml, into a temporary directory."
+    out = tmp_path / "book"
+    r = subprocess.run([sys.executable, str(SCRIPT), "--project", str(ROOT), "--out", str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert (out / "minillm.pdf").read_bytes().startswith(b"%PDF") and (out / "index.html").exists()
+    assert not list(tmp_path.glob(".book-tmp*"))
