@@ -299,3 +299,11 @@ def test_real_book_renders(tmp_path):
     assert r.returncode == 0, r.stderr
     assert (out / "minillm.pdf").read_bytes().startswith(b"%PDF") and (out / "index.html").exists()
     assert not list(tmp_path.glob(".book-tmp*"))
+
+
+def test_stored_error_output_fails_unless_marked(project, capsys):
+    "A traceback in a stored output is a broken chapter, unless the cell says the error is the point."
+    p = project / "nbs" / "01_one.ipynb"
+    p.write_text(p.read_text().replace("# NBVAL_RAISES_EXCEPTION\\n1/0", "1/0"))
+    err = fails(project, capsys, "nbs/01_one.ipynb", "ZeroDivisionError")
+    assert "NBVAL_RAISES_EXCEPTION" in err

@@ -337,6 +337,12 @@ def outputs_markdown(ch, cell, i, opts, media, tables):
                 name = "stderr" if o.get("name") == "stderr" else "stdout"
                 out.append(div(f"cell-output cell-output-{name}", fenced(text, "{." + name + "}")))
         elif kind == "error":
+            source = cell_text(cell.get("source"))
+            if "raises-exception" not in (cell.get("metadata") or {}).get("tags", []) and \
+                    not re.search(r"^\s*#\s*NBVAL_RAISES_EXCEPTION\s*$", source, re.MULTILINE):
+                raise BookError(f"{ch.src} (cell {i}): the stored output is an error ({o.get('ename')}: "
+                                f"{o.get('evalue')}); fix the cell and re-run the notebook, or mark it "
+                                f"'# NBVAL_RAISES_EXCEPTION' if the error is the point")
             text = plain_text("\n".join(o.get("traceback") or []) or f"{o.get('ename')}: {o.get('evalue')}")
             out.append(div("cell-output cell-output-error", fenced(text.rstrip("\n"), "{.error}")))
         elif kind in ("execute_result", "display_data"):
