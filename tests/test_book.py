@@ -304,6 +304,9 @@ def test_real_book_renders(tmp_path):
 def test_stored_error_output_fails_unless_marked(project, capsys):
     "A traceback in a stored output is a broken chapter, unless the cell says the error is the point."
     p = project / "nbs" / "01_one.ipynb"
-    p.write_text(p.read_text().replace("# NBVAL_RAISES_EXCEPTION\\n1/0", "1/0"))
+    nb = nbformat.read(p, as_version=4)
+    cell = next(c for c in nb.cells if "NBVAL_RAISES_EXCEPTION" in c.source)
+    cell.source = cell.source.replace("# NBVAL_RAISES_EXCEPTION\n", "")
+    nbformat.write(nb, p)
     err = fails(project, capsys, "nbs/01_one.ipynb", "ZeroDivisionError")
     assert "NBVAL_RAISES_EXCEPTION" in err
