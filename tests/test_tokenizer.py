@@ -428,6 +428,9 @@ def test_uint32_when_needed(tmp_path):
     with pytest.raises(ValueError, match="special token '<|big|>'"):
         encode_to_file(t, "abc<|big|>", tmp_path / "y.bin", progress=False)
     assert not (tmp_path / "y.bin").exists()
+    with pytest.raises(ValueError, match="character 'z'"):  # fails half-way: nothing is left behind
+        encode_to_file(CharTokenizer().train("ab\n"), "ab\nab" * 10 + "\nz", tmp_path / "z.bin", progress=False, piece_size=4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.bin", "x.bin.json"]
     assert len(encode_to_file(t, "", tmp_path / "empty.bin", progress=False)) == 0
 
 
