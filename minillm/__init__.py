@@ -3,11 +3,13 @@
 Modules:
 
 - `minillm.attention`: Self-attention built up one checked step at a time, from a weightless dot product to PyTorch's fused kernel, with the grouped-query attention and the KV cache the model uses.
+- `minillm.cli`: The command line: `minillm train`, `minillm sample` and `minillm tokenize`, for runs too long for a notebook.
 - `minillm.data`: Where the text comes from, how we get it without surprises, what it looks like, and the split every later chapter uses.
 - `minillm.embeddings`: From token ids to the (B, T, C) tensor a transformer reads: sliding windows, batches, token embeddings, and three ways to encode position.
 - `minillm.generate`: From logits to text: greedy decoding, temperature, top-k and top-p sampling, stop tokens and seeds, streaming, long prompts, and a KV cache that makes each new token cost one token's work.
 - `minillm.model`: One config, one `GPT` class, two families — GPT-2 and Llama — with parameter, FLOP and memory counts checked against the real model, and weights read from and written to Hugging Face's format.
 - `minillm.sandbox`: Scoring generated code by running it: HumanEval-style problems, the unbiased pass@k estimator, and a sandbox that runs untrusted completions in a limited child process.
-- `minillm.tokenizer`: Turning text into the integers a model reads: characters, bytes, byte-pair encoding learned from Austen in seconds, tiktoken-speed encoding, and the special tokens later chapters need."""
+- `minillm.tokenizer`: Turning text into the integers a model reads: characters, bytes, byte-pair encoding learned from Austen in seconds, tiktoken-speed encoding, and the special tokens later chapters need.
+- `minillm.train`: The loss and what it means in bits per character; the training loop (AdamW, warmup and cosine decay, clipping, accumulation, bf16); checkpoints that resume exactly; presets and a trained model in one call."""
 
 __version__ = "0.1.0"
