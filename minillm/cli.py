@@ -9,7 +9,7 @@ config files end in one line that names the option, file or value, and exit stat
 # %% auto #0
 __all__ = ['COMMANDS', 'read_config', 'train', 'sample', 'tokenize', 'main']
 
-# %% ../nbs/08_cli.ipynb #a223f6c4
+# %% ../nbs/08_cli.ipynb #b37933e9
 import json, sys
 from dataclasses import fields
 from pathlib import Path
@@ -21,7 +21,7 @@ from .data import CorpusUnavailable, load_corpus, train_val_split
 from .tokenizer import encode_to_file, load_or_train_tokenizer
 from .train import PRESETS, TrainConfig, TrainingDiverged, get_preset, load_run, run_dir, train_run
 
-# %% ../nbs/08_cli.ipynb #8060ee30
+# %% ../nbs/08_cli.ipynb #807ab441
 def read_config(path) -> dict:
     "TrainConfig overrides from a JSON file; unknown keys are refused, naming the file."
     path = Path(path)
@@ -42,6 +42,7 @@ def train(preset: str = "austen-tiny",  # the recipe: austen-tiny, austen-15m or
           batch_size: int = None,       # sequences per micro-batch
           dtype: str = None,            # float32 or bfloat16
           device: str = "cpu",          # cpu, cuda, cuda:1, ...
+          sample_prompt: str = "It is a truth universally acknowledged", # continued at every evaluation, kept in metrics.json
           quiet: bool = False):         # no progress bar
     "Train a GPT on the novels of Jane Austen, checkpointing as it goes."
     p = get_preset(preset)
@@ -51,12 +52,14 @@ def train(preset: str = "austen-tiny",  # the recipe: austen-tiny, austen-15m or
     TrainConfig(**{**p.train, **overrides})  # a bad value fails here, before anything is written
     out = Path(out) if out else run_dir(preset)
     print(f"training {preset} into {out}", file=sys.stderr)
-    log = lambda step, r: print(f"step {step}: train loss {r['train_loss']:.3f}, val loss {r['val_loss']:.3f}", file=sys.stderr)
-    _, _, metrics = train_run(p, out, device, progress=not quiet, on_eval=log, **overrides)
+    def log(step, r):
+        print(f"step {step}: train loss {r['train_loss']:.3f}, val loss {r['val_loss']:.3f}", file=sys.stderr)
+        if "sample" in r: print("  " + r["sample"].replace("\n", "\n  "), file=sys.stderr)
+    _, _, metrics = train_run(p, out, device, progress=not quiet, on_eval=log, sample_prompt=sample_prompt or None, **overrides)
     f = metrics["final"]
     print(f"validation: {f['loss']:.4f} nats/token, perplexity {f['perplexity']:.2f}, {f['bits_per_char']:.4f} bits/char")
 
-# %% ../nbs/08_cli.ipynb #fc832e29
+# %% ../nbs/08_cli.ipynb #08e4e07c
 def sample(run: str = None,             # run directory (default: the austen-tiny run of pretrained())
            prompt: str = "\n",          # the text to continue
            max_new_tokens: int = 200,   # how many tokens to generate
@@ -78,7 +81,7 @@ def sample(run: str = None,             # run directory (default: the austen-tin
             print(piece, end="", flush=True)
         print()
 
-# %% ../nbs/08_cli.ipynb #7e19c109
+# %% ../nbs/08_cli.ipynb #51e877a9
 def tokenize(out: str = None,           # the token file to write (default: austen-<split>.bin; a .json sidecar describes it)
              vocab_size: int = 4096,    # vocabulary size, special tokens included
              kind: str = "bpe",         # bpe or char
@@ -92,7 +95,7 @@ def tokenize(out: str = None,           # the token file to write (default: aust
     ids = encode_to_file(tok, text, out, progress=False)
     print(f"{out}: {len(ids):,} tokens ({ids.dtype}), {len(text) / len(ids):.3f} characters per token")
 
-# %% ../nbs/08_cli.ipynb #18842252
+# %% ../nbs/08_cli.ipynb #da150d0d
 COMMANDS = {"train": train, "sample": sample, "tokenize": tokenize}
 
 def _usage() -> str:

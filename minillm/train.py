@@ -12,9 +12,9 @@ resume also needs deterministic kernels."""
 # %% auto #0
 __all__ = ['CKPT_FILES', 'PRESETS', 'TrainConfig', 'estimate_loss', 'bits_per_char', 'evaluate_bpc', 'configure_optimizer',
            'lr_at', 'save_checkpoint', 'find_checkpoint', 'load_checkpoint', 'TrainingDiverged', 'train', 'Preset',
-           'get_preset', 'train_run', 'load_run', 'run_dir', 'pretrained']
+           'get_preset', 'hardware', 'train_run', 'load_run', 'run_dir', 'pretrained']
 
-# %% ../nbs/07_pretrain.ipynb #53e5ae40
+# %% ../nbs/07_pretrain.ipynb #1d4a7aff
 import contextlib, fcntl, hashlib, json, math, os, shutil, time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,10 +26,11 @@ from tqdm import tqdm
 
 from .data import cache_dir, load_corpus, train_val_split
 from .embeddings import random_batch
+from .generate import generate_text
 from .model import GPT, GPTConfig
 from .tokenizer import Tokenizer, load_or_train_tokenizer
 
-# %% ../nbs/07_pretrain.ipynb #f5acfab2
+# %% ../nbs/07_pretrain.ipynb #b5427d1b
 @dataclass
 class TrainConfig:
     "Everything the training loop needs besides the model and the data."
@@ -63,7 +64,7 @@ class TrainConfig:
     @property
     def tokens_per_step(self) -> int: return self.batch_size * self.grad_accum * self.context_length
 
-# %% ../nbs/07_pretrain.ipynb #eebd390c
+# %% ../nbs/07_pretrain.ipynb #395deb35
 def _autocast(cfg: TrainConfig, device):
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
 
@@ -110,7 +111,7 @@ def evaluate_bpc(model, tok: Tokenizer, text: str, batch_size: int = 16) -> dict
     loss = nll / n
     return {"tokens": n, "loss": loss, "perplexity": math.exp(loss), "bits_per_char": bits_per_char(loss, n, len(text))}
 
-# %% ../nbs/07_pretrain.ipynb #4d14fd53
+# %% ../nbs/07_pretrain.ipynb #d69bc829
 def configure_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     "AdamW with weight decay on the matrices (linear and embedding weights) and none on biases and norm gains."
     params = [p for p in model.parameters() if p.requires_grad]
@@ -119,14 +120,14 @@ def configure_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim
     fused = all(p.device.type in ("cpu", "cuda") for p in params)  # one kernel for all parameters
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
-# %% ../nbs/07_pretrain.ipynb #138dead2
+# %% ../nbs/07_pretrain.ipynb #6367aba1
 def lr_at(step: int, cfg: TrainConfig) -> float:
     "Learning rate at `step`: linear warmup to `cfg.lr`, then cosine decay to `cfg.min_lr` at `cfg.max_steps`."
     if step < cfg.warmup_steps: return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
-# %% ../nbs/07_pretrain.ipynb #77483d43
+# %% ../nbs/07_pretrain.ipynb #339d82c0
 CKPT_FILES = ("model.safetensors", "optimizer.safetensors", "state.json")
 
 def save_checkpoint(path, model, optimizer, state: dict, tensors: dict | None = None) -> Path:
@@ -186,7 +187,7 @@ def load_checkpoint(path, model, optimizer=None) -> tuple[dict, dict]:
         optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
     return state, {k: v for k, v in tensors.items() if not k.split(".")[0].isdigit()}
 
-# %% ../nbs/07_pretrain.ipynb #d83e2a29
+# %% ../nbs/07_pretrain.ipynb #14f35ec1
 class TrainingDiverged(RuntimeError):
     "The loss became NaN or infinite; the last good checkpoint is kept."
 
@@ -248,7 +249,7 @@ def train(model, train_tokens, val_tokens, cfg: TrainConfig, out_dir=None, on_ev
     bar.close()
     return history
 
-# %% ../nbs/07_pretrain.ipynb #d9e9f0d1
+# %% ../nbs/07_pretrain.ipynb #f5fe3544
 @dataclass
 class Preset:
     "A named recipe: which tokenizer, which model, how to train it."
@@ -282,7 +283,7 @@ def get_preset(name: str) -> Preset:
     if name not in PRESETS: raise ValueError(f"preset {name!r}: unknown; choose one of {', '.join(PRESETS)}")
     return PRESETS[name]
 
-# %% ../nbs/07_pretrain.ipynb #7cb5789d
+# %% ../nbs/07_pretrain.ipynb #40b3252b
 def _tokens(tok: Tokenizer, text: str) -> np.ndarray:
     return np.array(tok.encode(text), dtype=np.uint16 if tok.vocab_size <= 1 << 16 else np.int32)
 
@@ -295,9 +296,18 @@ def _locked(path: Path):
         try: yield
         finally: fcntl.flock(f, fcntl.LOCK_UN)
 
-def train_run(preset: str | Preset, out_dir, device: str = "cpu", progress: bool = True, on_eval=None, **overrides):
+def hardware(device: str = "cpu") -> str:
+    "A one-line description of the machine a run trains on, for its metrics."
+    if torch.device(device).type == "cuda": return torch.cuda.get_device_name(torch.device(device))
+    model = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "CPU") \
+        if os.path.exists("/proc/cpuinfo") else "CPU"
+    return f"{model}, {torch.get_num_threads()} threads"
+
+def train_run(preset: str | Preset, out_dir, device: str = "cpu", progress: bool = True, on_eval=None,
+              sample_prompt: str | None = None, **overrides):
     """Train a preset (with `TrainConfig` overrides) into `out_dir`: the checkpoint (`ckpt/`), the tokenizer
-    (`tokenizer.model`, `.vocab`) and `metrics.json`. Resumes from `out_dir` if a run is there. Returns (model, tok, metrics)."""
+    (`tokenizer.model`, `.vocab`) and `metrics.json`. Resumes from `out_dir` if a run is there. With
+    `sample_prompt`, each evaluation record also holds a sample continuing it. Returns (model, tok, metrics)."""
     p = get_preset(preset) if isinstance(preset, str) else preset
     out_dir = Path(out_dir)
     with _locked(out_dir / ".lock"):
@@ -307,11 +317,17 @@ def train_run(preset: str | Preset, out_dir, device: str = "cpu", progress: bool
         torch.manual_seed(cfg.seed)
         model = GPT(GPTConfig(**p.model, vocab_size=tok.vocab_size)).to(device)
         train_text, val_text = train_val_split(load_corpus())
-        history = train(model, _tokens(tok, train_text), _tokens(tok, val_text), cfg, out_dir, on_eval, progress)
+        def record_sample(step, record):
+            if sample_prompt is not None:
+                model.eval()
+                record["sample"] = sample_prompt + generate_text(model, tok, sample_prompt, 60, temperature=0.8, top_k=50, seed=0)
+                model.train()
+            if on_eval is not None: on_eval(step, record)
+        history = train(model, _tokens(tok, train_text), _tokens(tok, val_text), cfg, out_dir, record_sample, progress)
         final = evaluate_bpc(model, tok, val_text)
         metrics = {"preset": preset if isinstance(preset, str) else None, "model_config": asdict(model.config),
                    "train_config": asdict(cfg), "n_params": sum(p.numel() for p in model.parameters()),
-                   "history": history, "final": final, "device": str(device), "torch_threads": torch.get_num_threads()}
+                   "history": history, "final": final, "hardware": hardware(device), "torch": torch.__version__}
         tmp = out_dir / "metrics.json.tmp"
         tmp.write_text(json.dumps(metrics, indent=1))
         os.replace(tmp, out_dir / "metrics.json")
