@@ -17,7 +17,7 @@ with zero biases."""
 __all__ = ['FAMILIES', 'GPTConfig', 'MLP', 'norm', 'Block', 'GPT', 'n_params', 'flops_per_token', 'memory_bytes',
            'config_from_hf', 'hf_config', 'save_hf', 'load_hf']
 
-# %% ../nbs/05_model.ipynb #1bacf978
+# %% ../nbs/05_model.ipynb #0db6c421
 import json, math
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from .attention import CausalSelfAttention, KVCache
 from .embeddings import rope_cos_sin
 
-# %% ../nbs/05_model.ipynb #f7d1b0a6
+# %% ../nbs/05_model.ipynb #0ec792a5
 FAMILIES = ("gpt2", "llama")
 
 @dataclass
@@ -46,7 +46,7 @@ class GPTConfig:
     bias: bool | None = None        # biases in every Linear (and LayerNorm); None: True (gpt2), False (llama)
     tie_weights: bool | None = None # the output layer shares the token embedding; None: True (gpt2), False (llama)
     norm_eps: float = 1e-5
-    gelu: str = "tanh"              # gpt2 family: 'tanh' (GPT-2's approximation) or 'none' (exact erf)
+    gelu: str = "none"              # gpt2 family: 'none' (exact, as nanoGPT) or 'tanh' (GPT-2's approximation)
     rope_theta: float = 10000.0     # llama family: RoPE's base
     dropout: float = 0.0
 
@@ -79,7 +79,7 @@ class GPTConfig:
     @property
     def head_dim(self) -> int: return self.n_embd // self.n_head
 
-# %% ../nbs/05_model.ipynb #a2218bda
+# %% ../nbs/05_model.ipynb #c479ea2b
 class MLP(nn.Module):
     "The feed-forward network: GELU (gpt2) or SwiGLU (llama), its two hidden halves computed by one matmul."
     def __init__(self, cfg: GPTConfig):
@@ -98,7 +98,7 @@ class MLP(nn.Module):
             h = F.gelu(h, approximate=self.gelu)
         return self.dropout(self.c_proj(h))  # (B, T, C)
 
-# %% ../nbs/05_model.ipynb #e78ccae1
+# %% ../nbs/05_model.ipynb #6df3d1c9
 def norm(cfg: GPTConfig) -> nn.Module:
     "LayerNorm (gpt2) or RMSNorm (llama): PyTorch's fused kernels."
     if cfg.family == "gpt2": return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
@@ -117,7 +117,7 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x), rope, cache)
         return x + self.mlp(self.ln_2(x))
 
-# %% ../nbs/05_model.ipynb #8df781df
+# %% ../nbs/05_model.ipynb #c06af863
 class GPT(nn.Module):
     "A decoder-only transformer: token (and, for gpt2, position) embeddings, `n_layer` blocks, a final norm, the output layer."
     def __init__(self, config: GPTConfig):
@@ -172,7 +172,7 @@ class GPT(nn.Module):
         return [KVCache(batch_size, cfg.n_kv_head, max_len or cfg.context_length, cfg.head_dim, w.device, w.dtype)
                 for _ in range(cfg.n_layer)]
 
-# %% ../nbs/05_model.ipynb #36a88337
+# %% ../nbs/05_model.ipynb #bb835625
 def n_params(cfg: GPTConfig, non_embedding: bool = False) -> int:
     "The number of parameters of `GPT(cfg)` (a tied embedding counted once); `non_embedding`: without the lookup tables, as nanoGPT counts."
     C, H, kv, b = cfg.n_embd, cfg.mlp_hidden, cfg.n_kv_head * cfg.head_dim, int(cfg.bias)
@@ -201,7 +201,7 @@ def memory_bytes(cfg: GPTConfig, batch_size: int = 1, T: int | None = None, byte
     kv = 2 * cfg.n_layer * batch_size * cfg.n_kv_head * cfg.head_dim * (T or cfg.context_length) * bytes_per
     return {"weights": weights, "gradients": weights, "adamw": 2 * weights, "kv_cache": kv}
 
-# %% ../nbs/05_model.ipynb #7183bfff
+# %% ../nbs/05_model.ipynb #bd0de295
 from safetensors.torch import load_file, save_file
 
 _LLAMA_NAMES = {  # our module in block i -> Hugging Face Llama's in model.layers.i (a fused one: its parts, in order)
@@ -228,7 +228,7 @@ def _hf_parts(name: str, t: torch.Tensor, cfg: GPTConfig) -> dict[str, torch.Ten
              "mlp.c_fc": [cfg.mlp_hidden, cfg.mlp_hidden]}.get(module, [t.shape[0]])
     return {f"model.layers.{i}.{hf}.{kind}": part for hf, part in zip(_LLAMA_NAMES[module], t.split(sizes))}
 
-# %% ../nbs/05_model.ipynb #e6ce3483
+# %% ../nbs/05_model.ipynb #da8fa6cb
 def config_from_hf(hf: dict) -> GPTConfig:
     "Our config from a Hugging Face `config.json` (GPT-2 or Llama); what we cannot represent is an error that says what."
     def unsupported(key, value, want):
@@ -275,7 +275,7 @@ def hf_config(cfg: GPTConfig) -> dict:
             "attention_bias": cfg.bias, "mlp_bias": cfg.bias, "tie_word_embeddings": cfg.tie_weights,
             "attention_dropout": cfg.dropout}
 
-# %% ../nbs/05_model.ipynb #3d9cf2fc
+# %% ../nbs/05_model.ipynb #5bca4715
 def save_hf(model: GPT, path) -> Path:
     "Write `model` as a Hugging Face model directory: `config.json` and `model.safetensors` (float32 unless the model is not)."
     cfg, path = model.config, Path(path)
@@ -296,7 +296,7 @@ def save_hf(model: GPT, path) -> Path:
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
     return path
 
-# %% ../nbs/05_model.ipynb #b1ddb50d
+# %% ../nbs/05_model.ipynb #da09bd1a
 def load_hf(path, dtype: torch.dtype = torch.float32) -> GPT:
     """A `GPT` with the weights of the Hugging Face GPT-2 or Llama model in directory `path` (`config.json` and
     `model.safetensors`, or shards with `model.safetensors.index.json`). Shapes are checked tensor by tensor."""
