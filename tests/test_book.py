@@ -310,3 +310,9 @@ def test_stored_error_output_fails_unless_marked(project, capsys):
     nbformat.write(nb, p)
     err = fails(project, capsys, "nbs/01_one.ipynb", "ZeroDivisionError")
     assert "NBVAL_RAISES_EXCEPTION" in err
+
+
+def test_old_typst_symbol_names_renamed_outside_code():
+    "pandoc writes \\odot as `dot.circle`, a name Typst 0.14+ no longer knows; code blocks are left alone."
+    text = "$ gamma dot.circle x plus.circle.big y $\n```python\nc = a.dot.circle\n```\n$ times.circle $"
+    assert rb.typst_symbols(text) == "$ gamma dot.o x plus.o.big y $\n```python\nc = a.dot.circle\n```\n$ times.o $"

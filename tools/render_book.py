@@ -820,6 +820,19 @@ def html_page(ch, body, book: Book, template: string.Template):
         prev_next="\n".join(nav))
 
 
+RAW_BLOCK = re.compile(r"^(`{3,}).*?^\1", re.MULTILINE | re.DOTALL)
+OLD_SYMBOL = re.compile(r"\b((?:dot|plus|minus|times|div|ast|slash|eq|backslash)\.)circle\b")
+
+def typst_symbols(text: str) -> str:
+    """pandoc 3.9 writes math symbols with Typst's old `.circle` modifier (`\\odot` -> `dot.circle`), which Typst
+    0.14+ renamed `.o`; rename them outside raw (code) blocks."""
+    parts, last = [], 0
+    for m in RAW_BLOCK.finditer(text):
+        parts += [OLD_SYMBOL.sub(r"\1o", text[last:m.start()]), m.group(0)]
+        last = m.end()
+    return "".join(parts + [OLD_SYMBOL.sub(r"\1o", text[last:])])
+
+
 def typst_document(book: Book, bodies: list) -> str:
     authors = "(" + "".join(typst_str(a) + ", " for a in book.authors) + ")"
     head = [f'#import "{TYPST_TEMPLATE}": *',
@@ -901,7 +914,8 @@ def render(project=".", out=None) -> Result:
             def write(ch, blocks, fmt):
                 doc = json.dumps({"pandoc-api-version": api_version, "meta": {}, "blocks": blocks})
                 args = ["--mathml", "--wrap=none"] if fmt == "html" else ["--wrap=preserve"]
-                return pandoc(doc, "json", fmt, ch.src, *args)
+                out = pandoc(doc, "json", fmt, ch.src, *args)
+                return typst_symbols(out) if fmt == "typst" else out
             # Typst first: while it typesets (it releases the GIL), pandoc writes the HTML pages.
             typst_bodies = [pool.submit(write, ch, b, "typst") for ch, b in zip(book.chapters, asts["typst"])]
             html_bodies = [pool.submit(write, ch, b, "html") for ch, b in zip(book.chapters, asts["html"])]
