@@ -4,6 +4,7 @@ Modules:
 
 - `minillm.attention`: Self-attention built up one checked step at a time, from a weightless dot product to PyTorch's fused kernel, with the grouped-query attention and the KV cache the model uses.
 - `minillm.cli`: The command line: `minillm train`, `minillm sample` and `minillm tokenize`, for runs too long for a notebook.
+- `minillm.compute`: What training costs, from first principles: FLOPs ≈ 6·N·D, the memory per parameter, Chinchilla's 20 tokens per parameter, GPU-hours and dollars at a stated utilisation; our runs' measured MFU; a learning-rate sweep and a small scaling law.
 - `minillm.data`: Where the text comes from, how we get it without surprises, what it looks like, and the split every later chapter uses.
 - `minillm.distributed`: Mixed precision (why bf16 and not fp16), `torch.compile`, and data parallelism with `torch.distributed`: several processes, each on its own batch, kept identical by AllReduce; launched by `torchrun` on one machine or many; FSDP when the model no longer fits.
 - `minillm.embeddings`: From token ids to the (B, T, C) tensor a transformer reads: sliding windows, batches, token embeddings, and three ways to encode position.
