@@ -15,13 +15,13 @@ decoding; every row of a batch gets the same `max_new_tokens`; the cache is not 
 # %% auto #0
 __all__ = ['sample_next', 'stream', 'generate', 'stream_text', 'generate_text']
 
-# %% ../nbs/06_generate.ipynb #1fdc42d4
+# %% ../nbs/06_generate.ipynb #411b3073
 from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
-# %% ../nbs/06_generate.ipynb #c182d6ce
+# %% ../nbs/06_generate.ipynb #94a5e089
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """The next token `(B, 1)` from the last position's logits `(B, V)`: the most likely one if `temperature` is 0,
@@ -40,7 +40,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
         probs = torch.zeros_like(probs).scatter_(-1, order, p)
     return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1); multinomial renormalises
 
-# %% ../nbs/06_generate.ipynb #94488627
+# %% ../nbs/06_generate.ipynb #66821f9e
 def _check_sampling(max_new_tokens, temperature, top_k, top_p):
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be a non-negative integer")
@@ -58,7 +58,7 @@ def _as_batch(idx) -> torch.Tensor:
         raise ValueError(f"prompt: expected token ids of shape (T,) or (B, T) with T >= 1, got {tuple(t.shape)} {t.dtype}")
     return (t[None] if t.ndim == 1 else t).long()
 
-# %% ../nbs/06_generate.ipynb #e0631e0a
+# %% ../nbs/06_generate.ipynb #70661521
 @torch.inference_mode()
 def stream(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
            top_p: float | None = None, stop_tokens: Sequence[int] = (), seed: int | None = None,
@@ -102,7 +102,7 @@ def generate(model, idx, max_new_tokens: int, **kwargs) -> torch.Tensor:
     new = [t.to(idx.device) for t in stream(model, idx, max_new_tokens, **kwargs)]
     return torch.cat([idx, torch.stack(new, dim=1)], dim=1) if new else idx
 
-# %% ../nbs/06_generate.ipynb #1d2b24ff
+# %% ../nbs/06_generate.ipynb #9427c3fd
 def stream_text(model, tokenizer, prompt: str, max_new_tokens: int, **kwargs) -> Iterator[str]:
     """Generate after `prompt` and yield the text as it comes, piece by piece, using `tokenizer`'s `encode` and
     `decode`. A stop token ends the text and is not part of it; a piece is held back while it ends inside a
