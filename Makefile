@@ -44,8 +44,10 @@ book: $(STAMP) export
 	@if command -v quarto >/dev/null 2>&1; then quarto render; else $(PY) tools/render_book.py; fi
 
 # nbval: every code cell is re-executed in a fresh kernel and its outputs compared with the committed ones.
+# Two notebooks run at once on two cores: one math thread each, since oversubscribed PyTorch threads spin and
+# slow everything down many times over (outputs do not depend on the thread count).
 test: $(STAMP) corpus models
-	$(PY) -m pytest -q -n $(JOBS) --dist loadscope tests nbs --nbval --nbval-current-env \
+	OMP_NUM_THREADS=$(if $(filter 1,$(JOBS)),2,1) $(PY) -m pytest -q -n $(JOBS) --dist loadscope tests nbs --nbval --nbval-current-env \
 	  --nbval-sanitize-with nbs/sanitize.cfg
 
 test-fast: $(STAMP)
