@@ -9,7 +9,7 @@ config files end in one line that names the option, file or value, and exit stat
 # %% auto #0
 __all__ = ['COMMANDS', 'read_config', 'train', 'sample', 'tokenize', 'main']
 
-# %% ../nbs/08_cli.ipynb #b37933e9
+# %% ../nbs/08_cli.ipynb #dcc92651
 import json, sys
 from dataclasses import fields
 from pathlib import Path
@@ -21,7 +21,7 @@ from .data import CorpusUnavailable, load_corpus, train_val_split
 from .tokenizer import encode_to_file, load_or_train_tokenizer
 from .train import PRESETS, TrainConfig, TrainingDiverged, get_preset, load_run, run_dir, train_run
 
-# %% ../nbs/08_cli.ipynb #807ab441
+# %% ../nbs/08_cli.ipynb #c38b4f75
 def read_config(path) -> dict:
     "TrainConfig overrides from a JSON file; unknown keys are refused, naming the file."
     path = Path(path)
@@ -59,7 +59,7 @@ def train(preset: str = "austen-tiny",  # the recipe: austen-tiny, austen-15m or
     f = metrics["final"]
     print(f"validation: {f['loss']:.4f} nats/token, perplexity {f['perplexity']:.2f}, {f['bits_per_char']:.4f} bits/char")
 
-# %% ../nbs/08_cli.ipynb #08e4e07c
+# %% ../nbs/08_cli.ipynb #10d8f929
 def sample(run: str = None,             # run directory (default: the austen-tiny run of pretrained())
            prompt: str = "\n",          # the text to continue
            max_new_tokens: int = 200,   # how many tokens to generate
@@ -81,7 +81,7 @@ def sample(run: str = None,             # run directory (default: the austen-tin
             print(piece, end="", flush=True)
         print()
 
-# %% ../nbs/08_cli.ipynb #51e877a9
+# %% ../nbs/08_cli.ipynb #8bfe71b9
 def tokenize(out: str = None,           # the token file to write (default: austen-<split>.bin; a .json sidecar describes it)
              vocab_size: int = 4096,    # vocabulary size, special tokens included
              kind: str = "bpe",         # bpe or char
@@ -95,7 +95,7 @@ def tokenize(out: str = None,           # the token file to write (default: aust
     ids = encode_to_file(tok, text, out, progress=False)
     print(f"{out}: {len(ids):,} tokens ({ids.dtype}), {len(text) / len(ids):.3f} characters per token")
 
-# %% ../nbs/08_cli.ipynb #da150d0d
+# %% ../nbs/08_cli.ipynb #de643769
 COMMANDS = {"train": train, "sample": sample, "tokenize": tokenize}
 
 def _usage() -> str:

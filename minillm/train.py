@@ -14,7 +14,7 @@ __all__ = ['CKPT_FILES', 'PRESETS', 'TrainConfig', 'estimate_loss', 'bits_per_ch
            'lr_at', 'save_checkpoint', 'find_checkpoint', 'load_checkpoint', 'TrainingDiverged', 'train', 'Preset',
            'get_preset', 'hardware', 'train_run', 'load_run', 'run_dir', 'pretrained']
 
-# %% ../nbs/07_pretrain.ipynb #1d4a7aff
+# %% ../nbs/07_pretrain.ipynb #63f4289f
 import contextlib, fcntl, hashlib, json, math, os, shutil, time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,7 +30,7 @@ from .generate import generate_text
 from .model import GPT, GPTConfig
 from .tokenizer import Tokenizer, load_or_train_tokenizer
 
-# %% ../nbs/07_pretrain.ipynb #b5427d1b
+# %% ../nbs/07_pretrain.ipynb #519f8cbe
 @dataclass
 class TrainConfig:
     "Everything the training loop needs besides the model and the data."
@@ -64,7 +64,7 @@ class TrainConfig:
     @property
     def tokens_per_step(self) -> int: return self.batch_size * self.grad_accum * self.context_length
 
-# %% ../nbs/07_pretrain.ipynb #395deb35
+# %% ../nbs/07_pretrain.ipynb #b0a606b7
 def _autocast(cfg: TrainConfig, device):
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
 
@@ -111,7 +111,7 @@ def evaluate_bpc(model, tok: Tokenizer, text: str, batch_size: int = 16) -> dict
     loss = nll / n
     return {"tokens": n, "loss": loss, "perplexity": math.exp(loss), "bits_per_char": bits_per_char(loss, n, len(text))}
 
-# %% ../nbs/07_pretrain.ipynb #d69bc829
+# %% ../nbs/07_pretrain.ipynb #fa9fb319
 def configure_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     "AdamW with weight decay on the matrices (linear and embedding weights) and none on biases and norm gains."
     params = [p for p in model.parameters() if p.requires_grad]
@@ -120,14 +120,14 @@ def configure_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim
     fused = all(p.device.type in ("cpu", "cuda") for p in params)  # one kernel for all parameters
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
-# %% ../nbs/07_pretrain.ipynb #6367aba1
+# %% ../nbs/07_pretrain.ipynb #69afb3d6
 def lr_at(step: int, cfg: TrainConfig) -> float:
     "Learning rate at `step`: linear warmup to `cfg.lr`, then cosine decay to `cfg.min_lr` at `cfg.max_steps`."
     if step < cfg.warmup_steps: return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
-# %% ../nbs/07_pretrain.ipynb #339d82c0
+# %% ../nbs/07_pretrain.ipynb #8a5657f8
 CKPT_FILES = ("model.safetensors", "optimizer.safetensors", "state.json")
 
 def save_checkpoint(path, model, optimizer, state: dict, tensors: dict | None = None) -> Path:
@@ -187,7 +187,7 @@ def load_checkpoint(path, model, optimizer=None) -> tuple[dict, dict]:
         optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
     return state, {k: v for k, v in tensors.items() if not k.split(".")[0].isdigit()}
 
-# %% ../nbs/07_pretrain.ipynb #14f35ec1
+# %% ../nbs/07_pretrain.ipynb #43cebc18
 class TrainingDiverged(RuntimeError):
     "The loss became NaN or infinite; the last good checkpoint is kept."
 
@@ -235,21 +235,20 @@ def train(model, train_tokens, val_tokens, cfg: TrainConfig, out_dir=None, on_ev
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss_sum:.3f}", refresh=False)
-        record = None
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
             record = dict(step=step, tokens=step * cfg.tokens_per_step, lr=lr, train_loss=loss_sum,
                           val_loss=estimate_loss(model, val_tokens, cfg), seconds=time.perf_counter() - t0)
             history.append(record)
+            if on_eval is not None: on_eval(step, record)  # before the checkpoint, which saves what it adds
         if ckpt is not None and (step % cfg.checkpoint_interval == 0 or step == cfg.max_steps):
             save_checkpoint(ckpt, model, optimizer,
                             {"step": step, "seconds": time.perf_counter() - t0, "history": history,
                              "train_config": asdict(cfg), "model_config": asdict(model.config)},
                             {"rng.batch": gen.get_state(), "rng.torch": torch.get_rng_state()})
-        if record is not None and on_eval is not None: on_eval(step, record)
     bar.close()
     return history
 
-# %% ../nbs/07_pretrain.ipynb #f5fe3544
+# %% ../nbs/07_pretrain.ipynb #420cb197
 @dataclass
 class Preset:
     "A named recipe: which tokenizer, which model, how to train it."
@@ -283,7 +282,7 @@ def get_preset(name: str) -> Preset:
     if name not in PRESETS: raise ValueError(f"preset {name!r}: unknown; choose one of {', '.join(PRESETS)}")
     return PRESETS[name]
 
-# %% ../nbs/07_pretrain.ipynb #40b3252b
+# %% ../nbs/07_pretrain.ipynb #341d9ff1
 def _tokens(tok: Tokenizer, text: str) -> np.ndarray:
     return np.array(tok.encode(text), dtype=np.uint16 if tok.vocab_size <= 1 << 16 else np.int32)
 

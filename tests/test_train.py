@@ -33,13 +33,13 @@ RUN = textwrap.dedent("""
     from minillm.train import train
     torch.set_num_threads(1)
     def kill(step, record):
-        if step == 100: os.kill(os.getpid(), signal.SIGKILL)  # no clean-up, no atexit: as a power cut
+        if step == 150: os.kill(os.getpid(), signal.SIGKILL)  # no clean-up, no atexit: as a power cut
     train(tiny_model(), TOKENS[:15000], TOKENS[15000:], cfg(), {out!r}, on_eval=kill, progress=False)
 """)
 
 
 def test_resume_after_kill_is_bit_identical(tmp_path):
-    "200 steps straight == 100 steps, SIGKILL, resume for 100: the same final loss and weights to the last bit."
+    "200 steps straight == killed at step 150 (last checkpoint: 100), resumed: the same final loss and weights to the last bit."
     torch.set_num_threads(1)
     straight = tiny_model()
     h1 = train(straight, TOKENS[:15000], TOKENS[15000:], cfg(), progress=False)
