@@ -15,14 +15,14 @@ fixed `max_len` and no sliding window; no sparse or local attention. The teachin
 # %% auto #0
 __all__ = ['KVCache', 'CausalSelfAttention']
 
-# %% ../nbs/04_attention.ipynb #b5f76f8e
+# %% ../nbs/04_attention.ipynb #547e7ff3
 import torch
 from torch import nn
 import torch.nn.functional as F
 
 from .embeddings import apply_rope
 
-# %% ../nbs/04_attention.ipynb #a5b974af
+# %% ../nbs/04_attention.ipynb #ed9872d1
 class KVCache:
     "The keys and values one attention layer has computed so far: `(B, n_kv_head, max_len, head_dim)` buffers, the first `pos` positions filled."
     def __init__(self, batch_size: int, n_kv_head: int, max_len: int, head_dim: int, device=None, dtype=torch.float32):

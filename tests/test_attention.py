@@ -11,6 +11,15 @@ from minillm.embeddings import apply_rope, rope_cos_sin
 TOL = dict(atol=1e-6, rtol=0)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    "These models are tiny: a second thread only adds synchronisation, which stalls when the machine is busy."
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def loop_attention(m: CausalSelfAttention, x, rope=None):
     """The slowest, plainest causal multi-head attention, in float64: one query at a time, softmax by hand, the GQA key/
     value head of query head h is h // (n_head / n_kv_head). Shares only the weights with the module."""

@@ -11,6 +11,15 @@ from minillm.model import GPT, GPTConfig
 V = 50
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    "These models are tiny: a second thread only adds synchronisation, which stalls when the machine is busy."
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _model(family="gpt2", context_length=64, seed=0, **kw):
     torch.manual_seed(seed)
     return GPT(GPTConfig(family=family, vocab_size=V, context_length=context_length, n_layer=2, n_head=4, n_embd=32, **kw)).eval()
