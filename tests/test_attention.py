@@ -11,13 +11,7 @@ from minillm.embeddings import apply_rope, rope_cos_sin
 TOL = dict(atol=1e-6, rtol=0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    "These models are tiny: a second thread only adds synchronisation, which stalls when the machine is busy."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def loop_attention(m: CausalSelfAttention, x, rope=None):

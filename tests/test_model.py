@@ -19,13 +19,7 @@ transformers.utils.logging.disable_progress_bar()
 V = 97
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    "These models are tiny: a second thread only adds synchronisation, which stalls when the machine is busy."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 SMALL = dict(vocab_size=V, context_length=32, n_layer=2, n_head=4, n_embd=32)
 CONFIGS = {
     "gpt2": GPTConfig(**SMALL),
