@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 from tqdm import tqdm
 
-from .data import cache_dir, load_corpus, train_val_split
+from .data import atomic_write_text, cache_dir, load_corpus, train_val_split
 from .embeddings import random_batch
 from .generate import generate_text
 from .model import GPT, GPTConfig
@@ -327,9 +327,7 @@ def train_run(preset: str | Preset, out_dir, device: str = "cpu", progress: bool
         metrics = {"preset": preset if isinstance(preset, str) else None, "model_config": asdict(model.config),
                    "train_config": asdict(cfg), "n_params": sum(p.numel() for p in model.parameters()),
                    "history": history, "final": final, "hardware": hardware(device), "torch": torch.__version__}
-        tmp = out_dir / "metrics.json.tmp"
-        tmp.write_text(json.dumps(metrics, indent=1))
-        os.replace(tmp, out_dir / "metrics.json")
+        atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=1))
     return model, tok, metrics
 
 def load_run(out_dir, device: str = "cpu") -> tuple[GPT, Tokenizer]:
