@@ -11,6 +11,7 @@ Modules:
 - `minillm.generate`: From logits to text: greedy decoding, temperature, top-k and top-p sampling, stop tokens and seeds, streaming, long prompts, and a KV cache that makes each new token cost one token's work.
 - `minillm.model`: One config, one `GPT` class, two families — GPT-2 and Llama — with parameter, FLOP and memory counts checked against the real model, and weights read from and written to Hugging Face's format.
 - `minillm.sandbox`: Scoring generated code by running it: HumanEval-style problems, the unbiased pass@k estimator, and a sandbox that runs untrusted completions in a limited child process.
+- `minillm.tasks`: Fine-tuning, alignment and evaluation need examples with answers. We cannot download any, so we make them from the six novels, in code: which novel a passage comes from, who speaks a line, how a passage goes on, and a small table of facts. Every answer can be checked by code.
 - `minillm.tokenizer`: Turning text into the integers a model reads: characters, bytes, byte-pair encoding learned from Austen in seconds, tiktoken-speed encoding, and the special tokens later chapters need.
 - `minillm.train`: The loss and what it means in bits per character; the training loop (AdamW, warmup and cosine decay, clipping, accumulation, bf16); checkpoints that resume exactly; presets and a trained model in one call."""
 
