@@ -1,10 +1,13 @@
 """Data parallelism: 2 ranks x batch B take the same step as 1 process x batch 2B; each rank draws its own,
-reproducible batches; `train_ddp` keeps the ranks identical and writes a checkpoint. Two processes on 127.0.0.1 (gloo)."""
+reproducible batches; `train_ddp` keeps the ranks identical, writes a checkpoint and resumes from it to the bit.
+Two processes on 127.0.0.1 (gloo)."""
+import json
+
 import numpy as np
 import pytest
 import torch
 
-from minillm.distributed import one_step, rank_generator, run_local, setup, shard, train_ddp, unwrap, world, wrap_ddp
+from minillm.distributed import ddp_run, one_step, rank_generator, run_local, setup, shard, train_ddp, unwrap, world, wrap_ddp
 from minillm.embeddings import random_batch
 from minillm.model import GPT, GPTConfig
 from minillm.train import TrainConfig, load_checkpoint
@@ -27,15 +30,22 @@ def _train_worker(rank, world_size, out_dir):
             "steps": [r["step"] for r in history], "tokens": [r["tokens"] for r in history]}
 
 
-def _worker(rank, world_size, out_dir):
-    "Both experiments in one pair of processes (starting processes is the slow part)."
-    return {"step": one_step(rank, world_size, TINY, STEP_CFG, X, Y), "train": _train_worker(rank, world_size, out_dir)}
+RESUME_MODEL = {**TINY, "dropout": 0.1}  # dropout: the torch RNG's state must be restored too
+RESUME_CFG = dict(batch_size=4, context_length=16, grad_accum=2, max_steps=6, warmup_steps=1, eval_interval=2,
+                  eval_batches=2, checkpoint_interval=4)
+
+
+def _worker(rank, world_size, out_dir, resume_dir):
+    "All experiments that need no restart in one pair of processes (starting processes is the slow part)."
+    return {"step": one_step(rank, world_size, TINY, STEP_CFG, X, Y), "train": _train_worker(rank, world_size, out_dir),
+            "straight": ddp_run(rank, world_size, RESUME_MODEL, RESUME_CFG, TOKENS[:4000], TOKENS[4000:]),
+            "stopped": ddp_run(rank, world_size, RESUME_MODEL, RESUME_CFG, TOKENS[:4000], TOKENS[4000:], resume_dir, 3)}
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp")
-    return run_local(_worker, 2, str(out)), out
+    out, resume = tmp_path_factory.mktemp("ddp"), tmp_path_factory.mktemp("resume")
+    return run_local(_worker, 2, str(out), str(resume)), out, resume
 
 
 def test_two_ranks_equal_one_process_with_twice_the_batch(ranks):
@@ -87,3 +97,22 @@ def test_train_ddp_keeps_ranks_identical_and_saves(ranks):
     state, _ = load_checkpoint(tmp_path / "ckpt", model)
     assert state["step"] == 4 and state["world_size"] == 2
     for k, v in model.state_dict().items(): assert torch.equal(v, r0["weights"][k]), k
+
+
+def test_train_ddp_resumes_bit_identical(ranks):
+    "6 steps straight == 3 steps, stop (checkpoint off the interval), resume in new processes: the same bits."
+    straight, stopped = [r["straight"] for r in ranks[0]], [r["stopped"] for r in ranks[0]]
+    resume_dir = ranks[2]
+    state = json.loads((resume_dir / "ckpt" / "state.json").read_text())
+    assert state["step"] == 3 and state["world_size"] == 2
+    assert [r["step"] for r in stopped[0]["history"]] == [2] and stopped[1]["history"] == []
+    assert any(not torch.equal(straight[0]["weights"][k], stopped[0]["weights"][k]) for k in straight[0]["weights"])
+    resumed = run_local(ddp_run, 2, RESUME_MODEL, RESUME_CFG, TOKENS[:4000], TOKENS[4000:], str(resume_dir))
+    for r in range(2):
+        for k, v in straight[r]["weights"].items(): assert torch.equal(v, resumed[r]["weights"][k]), (r, k)
+    strip = lambda h: [{k: v for k, v in rec.items() if k != "seconds"} for rec in h]
+    assert strip(resumed[0]["history"]) == strip(straight[0]["history"]) and resumed[1]["history"] == []
+    assert [r["step"] for r in resumed[0]["history"]] == [2, 4, 6]
+    assert json.loads((resume_dir / "ckpt" / "state.json").read_text())["step"] == 6
+    with pytest.raises(ValueError, match="written by 2 rank"):  # one process cannot take over two ranks' samplers
+        train_ddp(GPT(GPTConfig(**RESUME_MODEL)), TOKENS[:4000], TOKENS[4000:], TrainConfig(**RESUME_CFG), resume_dir)
