@@ -169,15 +169,20 @@ def minillm(*args, **kw):
                           env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "110"}, timeout=120, **kw)
 
 
-def test_cli_help_lists_chat_and_eval():
-    r = minillm("--help")
-    assert r.returncode == 0 and "  chat " in r.stdout and "  eval " in r.stdout and "{train,sample,tokenize,chat,eval}" in r.stdout
-    r = minillm("eval", "--help")
+def test_cli_help_lists_chat_and_eval(capsys, monkeypatch):
+    from minillm.cli import main
+    monkeypatch.setenv("COLUMNS", "110")
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "  chat " in out and "  eval " in out and "{train,sample,tokenize,chat,eval}" in out
+    with pytest.raises(SystemExit) as e: main(["chat", "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and all(o in out for o in ("--run", "--temperature", "--max-new-tokens", "--seed"))
+    assert main(["chat", "--run", "/nonexistent/run"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("minillm chat: /nonexistent/run: no checkpoint") and err.count("\n") == 1
+    r = minillm("eval", "--help")  # the installed command; minillm.evaluate is imported only when eval runs
     assert r.returncode == 0 and "--quick" in r.stdout and "--run" in r.stdout
-    r = minillm("chat", "--help")
-    assert r.returncode == 0 and all(o in r.stdout for o in ("--run", "--temperature", "--max-new-tokens", "--seed"))
-    r = minillm("chat", "--run", "/nonexistent/run")
-    assert r.returncode == 1 and r.stderr.strip().count("\n") == 0 and "no checkpoint" in r.stderr
 
 
 @pytest.fixture(scope="module")
