@@ -129,7 +129,8 @@ def evaluate(run: str = None,           # run directory (default: the instructio
     "Score a model on the evaluation suite."
     from minillm.evaluate import evaluate_suite, format_table
     model, tok = _tuned_or_run(run, device)
-    print(format_table(evaluate_suite(model, tok, quick)))
+    rows = evaluate_suite(model, tok, quick, log=lambda msg: print(msg, file=sys.stderr, flush=True))  # progress
+    print(format_table(rows))
 
 # %% ../nbs/08_cli.ipynb #de643769
 COMMANDS = {"train": train, "sample": sample, "tokenize": tokenize, "chat": chat, "eval": evaluate}

@@ -6,7 +6,7 @@ import torch
 
 from minillm.chat import chat_loop, fit_history, prompt_ids, reply, split_turns
 from minillm.tasks import encode_chat
-from minillm.train import pretrained, run_dir
+from minillm.train import load_run, pretrained, run_dir
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -234,3 +234,18 @@ def test_cli_chat_in_a_terminal(run):
         if p.poll() is None: p.kill()
         os.close(master)
     assert b"bot> " in out and len(sent) == 2
+
+
+def test_cli_eval_prints_the_suite_table(run, monkeypatch, capsys):
+    evaluate = pytest.importorskip("minillm.evaluate")
+    from minillm.cli import main
+    seen = {}
+    def fake_suite(model, tok, quick=False, log=None):
+        seen.update(quick=quick, ctx=model.config.context_length)
+        log("facts acc 0.500")
+        return [dict(benchmark="facts", metric="acc", value=0.5, stderr=None, chance=0.25, n=4)]
+    monkeypatch.setattr(evaluate, "evaluate_suite", fake_suite)
+    assert main(["eval", "--run", run, "--quick"]) == 0
+    out, err = capsys.readouterr()
+    assert seen == dict(quick=True, ctx=128) and "facts acc 0.500" in err
+    assert out == evaluate.format_table(fake_suite(*load_run(run), quick=True, log=lambda m: None)) + "\n"
