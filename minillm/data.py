@@ -8,8 +8,8 @@ writes are atomic. `train_val_split` is the first-90%/last-10% split every chapt
 
 # %% auto #0
 __all__ = ['NOVELS', 'TITLES', 'SEPARATOR', 'SOURCES', 'GUTENBERG_URL', 'JANEAUSTENR_DATA', 'CorpusUnavailable', 'cache_dir',
-           'read_janeaustenr', 'novels_from_debian', 'strip_gutenberg', 'novels_from_gutenberg', 'atomic_write_text',
-           'load_novels', 'load_corpus', 'train_val_split']
+           'read_janeaustenr', 'novels_from_debian', 'strip_gutenberg', 'novels_from_gutenberg', 'atomic_write',
+           'atomic_write_text', 'load_novels', 'load_corpus', 'train_val_split']
 
 # %% ../nbs/01_data.ipynb #77736af0
 import gzip, json, os, re, shutil, struct, subprocess, tempfile, urllib.request, warnings, zlib
@@ -129,17 +129,32 @@ def _read_cache(source: str) -> dict[str, str] | None:
     ok = isinstance(novels, dict) and all(isinstance(novels.get(k), str) and novels[k] for k, *_ in NOVELS)
     return {k: novels[k] for k, *_ in NOVELS} if ok else None
 
-def atomic_write_text(path: Path, text: str):
-    "Write `text` to `path` so that readers see the old file or the new one, never half of one."
+def atomic_write(path, data) -> Path:
+    """Write `data` to `path` so that readers see the old file or the new one, never half of one: a temporary file in
+    the same directory (a rename is atomic only within one filesystem), flushed to disk with `fsync`, then renamed
+    over `path` by `os.replace`. `data`: a str (written as UTF-8), bytes, or an iterable of bytes (written as it
+    comes, so a large file need not be in memory at once). On any error, `path` is untouched and the temporary file
+    removed. Returns `path`. E.g. `atomic_write("out/a.txt", "hi")`, `atomic_write(p, (b"%d " % i for i in range(3)))`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f: f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            if isinstance(data, str): data = [data.encode("utf-8")]
+            elif isinstance(data, (bytes, bytearray, memoryview)): data = [data]
+            for part in data: f.write(part)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the rename makes them visible
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return path
+
+def atomic_write_text(path, text: str) -> Path:
+    "`atomic_write` of a str, as UTF-8."
+    if not isinstance(text, str): raise TypeError(f"{path}: atomic_write_text needs a str, got {type(text).__name__}")
+    return atomic_write(path, text)
 
 _HOW_TO = """Could not get the Jane Austen corpus. Either:
   1. allow HTTP access to Project Gutenberg (www.gutenberg.org), or point MINILLM_GUTENBERG_URL at a mirror; or
@@ -162,7 +177,7 @@ def load_novels(source: str = "auto") -> dict[str, str]:
         except (CorpusUnavailable, ValueError, OSError) as e:
             errors.append(f"  - {s}: {e}")
             continue
-        atomic_write_text(_cache_file(s), json.dumps({"source": s, "novels": novels}))
+        atomic_write(_cache_file(s), json.dumps({"source": s, "novels": novels}))
         return novels
     raise CorpusUnavailable(_HOW_TO + "\n".join(errors))
 

@@ -22,7 +22,7 @@ __all__ = ['GPT2_SPLIT_PATTERN', 'GPT4_SPLIT_PATTERN', 'ENDOFTEXT', 'CHAT_SPECIA
            'encode_to_file', 'load_tokens', 'load_or_train_tokenizer']
 
 # %% ../nbs/02_tokenizer.ipynb #e616136c
-import base64, binascii, collections, hashlib, heapq, json, os, tempfile, unicodedata
+import base64, binascii, collections, hashlib, heapq, json, unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +30,7 @@ import regex
 import tiktoken
 from tqdm import tqdm
 
-from .data import cache_dir, load_corpus, train_val_split
+from .data import atomic_write, cache_dir, load_corpus, train_val_split
 
 # %% ../nbs/02_tokenizer.ipynb #86a043f1
 def get_stats(ids: list[int], counts: dict | None = None, n: int = 1) -> dict[tuple[int, int], int]:
@@ -122,19 +122,6 @@ SPECIAL_TOKENS = (ENDOFTEXT, *CHAT_SPECIAL_TOKENS)
 class TokenizerFileError(ValueError):
     "A tokenizer file that cannot be read; the message names the file and the line."
 
-def _atomic_write(path, data):
-    "Write `data` (bytes, or an iterable of bytes) to `path` via a temporary file and a rename."
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for part in [data] if isinstance(data, bytes) else data: f.write(part)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
 class _Lines:
     "The lines of a text file, read one by one by a parser whose errors name the file and the line."
     def __init__(self, path):
@@ -218,8 +205,8 @@ class Tokenizer:
         "Write `path.model` (for `load`) and `path.vocab` (for people); returns the `.model` path."
         path = Path(path)
         if path.suffix != ".model": path = path.with_name(path.name + ".model")
-        _atomic_write(path, "".join(line + "\n" for line in self._model_lines()).encode("utf-8"))
-        _atomic_write(path.with_suffix(".vocab"), "".join(line + "\n" for line in self._vocab_lines()).encode("utf-8"))
+        atomic_write(path, "".join(line + "\n" for line in self._model_lines()))
+        atomic_write(path.with_suffix(".vocab"), "".join(line + "\n" for line in self._vocab_lines()))
         return path
 
     @classmethod
@@ -589,9 +576,9 @@ def encode_to_file(tok: Tokenizer, text: str, path, allowed_special=(), progress
                 count += len(ids)
                 bar.update(len(piece))
                 yield ids.tobytes()
-    _atomic_write(path, parts())
+    atomic_write(path, parts())
     meta = {"dtype": dtype.name, "count": count, "vocab_size": tok.vocab_size, "tokenizer": tok.fingerprint()}
-    _atomic_write(_meta_path(path), json.dumps(meta).encode())
+    atomic_write(_meta_path(path), json.dumps(meta))
     return load_tokens(path)
 
 def _meta_path(path: Path) -> Path: return path.with_name(path.name + ".json")

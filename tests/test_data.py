@@ -1,11 +1,12 @@
-"""The corpus loader: the Debian source, the Gutenberg source against a local HTTP server, the cache, and errors."""
+"""The corpus loader: the Debian source, the Gutenberg source against a local HTTP server, the cache, and errors;
+the atomic file writes every module uses."""
 import http.server, json, threading
 from pathlib import Path
 
 import pytest
 
 from minillm import data
-from minillm.data import NOVELS, CorpusUnavailable, load_corpus, load_novels, strip_gutenberg, train_val_split
+from minillm.data import NOVELS, CorpusUnavailable, atomic_write, atomic_write_text, load_corpus, load_novels, strip_gutenberg, train_val_split
 
 
 def _ebook(title: str, body: str) -> bytes:
@@ -121,3 +122,27 @@ def test_read_janeaustenr_from_unpacked_package(tmp_path, monkeypatch):
     rdb.write_bytes(rdb.read_bytes()[:1000])  # truncated
     with pytest.raises(ValueError, match="Rdata.rdb: object 'sensesensibility' is corrupt"):
         data.novels_from_debian(tmp_path / "x")
+
+
+def test_atomic_write_str_bytes_and_parts(tmp_path):
+    p = tmp_path / "sub" / "a.txt"  # the directory is made
+    assert atomic_write(p, "Émile\n") == p and p.read_bytes() == "Émile\n".encode("utf-8")
+    atomic_write(p, b"\x00\xff")
+    assert p.read_bytes() == b"\x00\xff"
+    atomic_write(p, (bytes([i]) * 2 for i in range(3)))  # an iterable of bytes, written as it comes
+    assert p.read_bytes() == b"\x00\x00\x01\x01\x02\x02"
+    assert atomic_write_text(p, "x") == p and p.read_text() == "x"
+    with pytest.raises(TypeError, match="needs a str"): atomic_write_text(p, b"x")
+    assert sorted(f.name for f in p.parent.iterdir()) == ["a.txt"]  # no temporary files left
+
+
+def test_atomic_write_failure_keeps_the_old_file(tmp_path):
+    p = tmp_path / "a.bin"
+    atomic_write(p, b"old")
+    def parts():
+        yield b"new, half"
+        raise RuntimeError("interrupted")
+    with pytest.raises(RuntimeError, match="interrupted"): atomic_write(p, parts())
+    assert p.read_bytes() == b"old" and [f.name for f in tmp_path.iterdir()] == ["a.bin"]
+    with pytest.raises(TypeError): atomic_write(p, ["not bytes"])
+    assert p.read_bytes() == b"old" and [f.name for f in tmp_path.iterdir()] == ["a.bin"]
