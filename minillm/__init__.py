@@ -9,6 +9,7 @@ Modules:
 - `minillm.data`: Where the text comes from, how we get it without surprises, what it looks like, and the split every later chapter uses.
 - `minillm.distributed`: Mixed precision (why bf16 and not fp16), `torch.compile`, and data parallelism with `torch.distributed`: several processes, each on its own batch, kept identical by AllReduce; launched by `torchrun` on one machine or many; FSDP when the model no longer fits.
 - `minillm.embeddings`: From token ids to the (B, T, C) tensor a transformer reads: sliding windows, batches, token embeddings, and three ways to encode position.
+- `minillm.evaluate`: Bits per character on held-out text; multiple choice by likelihood (acc, acc_norm, acc_pmi) with standard errors; generated answers checked exactly; pass@k on code; one suite and one table for every model.
 - `minillm.generate`: From logits to text: greedy decoding, temperature, top-k and top-p sampling, stop tokens and seeds, streaming, long prompts, and a KV cache that makes each new token cost one token's work.
 - `minillm.model`: One config, one `GPT` class, two families — GPT-2 and Llama — with parameter, FLOP and memory counts checked against the real model, and weights read from and written to Hugging Face's format.
 - `minillm.sandbox`: Scoring generated code by running it: HumanEval-style problems, the unbiased pass@k estimator, and a sandbox that runs untrusted completions in a limited child process.
