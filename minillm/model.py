@@ -6,8 +6,9 @@ invalid shapes are refused with a message that says why. `GPT` is nanoGPT-shaped
 `(logits, loss)`, with a `cache` argument and `last_only` for generation. Norms, GELU, SiLU and attention are PyTorch's
 fused kernels; the feed-forward network computes SwiGLU's two halves with one matmul. `n_params`, `flops_per_token`
 and `memory_bytes` are closed forms, checked against the real model. `load_hf` / `save_hf` read and write Hugging Face
-model directories (`config.json` + `model.safetensors`) for GPT-2 and Llama; the logits agree with `transformers`
-within 1e-4 in float32. Limits: no RoPE scaling (Llama 3.1's long-context variant), no sliding-window or
+model directories (`config.json` + `model.safetensors`) for GPT-2 and Llama (`load_hf` builds the model on the
+meta device and assigns the file's tensors: no random initialisation); the logits agree with `transformers` within
+1e-4 in float32. Limits: no RoPE scaling (Llama 3.1's long-context variant), no sliding-window or
 mixture-of-experts models, no quantised weights; a GPT-2-format file always has biases, so a bias-free model is saved
 with zero biases."""
 
@@ -299,7 +300,9 @@ def save_hf(model: GPT, path) -> Path:
 # %% ../nbs/05_model.ipynb #da09bd1a
 def load_hf(path, dtype: torch.dtype = torch.float32) -> GPT:
     """A `GPT` with the weights of the Hugging Face GPT-2 or Llama model in directory `path` (`config.json` and
-    `model.safetensors`, or shards with `model.safetensors.index.json`). Shapes are checked tensor by tensor."""
+    `model.safetensors`, or shards with `model.safetensors.index.json`), in `dtype`. Shapes are checked tensor by
+    tensor. The model is built on the meta device (shapes, no memory, no random initialisation) and the file's
+    tensors become its parameters (`assign=True`): nothing is initialised only to be overwritten."""
     path = Path(path)
     cfg = config_from_hf(json.loads((path / "config.json").read_text()))
     index = path / "model.safetensors.index.json"
@@ -308,7 +311,7 @@ def load_hf(path, dtype: torch.dtype = torch.float32) -> GPT:
     for f in files: tensors |= load_file(path / f)
     if cfg.family == "gpt2" and not any(k.startswith("transformer.") for k in tensors):  # saved from GPT2Model
         tensors = {k if k == "lm_head.weight" else "transformer." + k: v for k, v in tensors.items()}
-    model = GPT(cfg)
+    with torch.device("meta"): model = GPT(cfg)  # parameters with shapes and no data
     sd, used = {}, set()
     for name, ours in model.state_dict().items():
         if name == "lm_head.weight" and cfg.tie_weights:
@@ -323,11 +326,17 @@ def load_hf(path, dtype: torch.dtype = torch.float32) -> GPT:
                                  f"needs {tuple(want.shape)}")
             parts.append(t.t() if _conv1d(name, cfg) else t)
             used.add(hf_name)
-        sd[name] = torch.cat(parts) if len(parts) > 1 else parts[0]
+        sd[name] = (torch.cat(parts) if len(parts) > 1 else parts[0]).to(dtype).contiguous()
     unexpected = [k for k in tensors if k not in used and not k.endswith(_HF_IGNORED)]
     if unexpected:
         raise ValueError(f"{path}: tensors this config has no place for: {', '.join(unexpected[:5])}"
                          + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""))
     if cfg.tie_weights: sd["lm_head.weight"] = sd["wte.weight"]
-    model.load_state_dict(sd)
-    return model.to(dtype)
+    model.load_state_dict(sd, assign=True)  # the tensors themselves become the parameters
+    if cfg.tie_weights: model.lm_head.weight = model.wte.weight  # assign made two Parameters of one tensor: one again
+    if cfg.family == "llama":  # RoPE's tables are computed, not loaded: compute them for real
+        cos, sin = rope_cos_sin(cfg.context_length, cfg.head_dim, cfg.rope_theta)
+        model.rope_cos, model.rope_sin = cos.to(dtype), sin.to(dtype)
+    if meta := [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]:
+        raise RuntimeError(f"{path}: load_hf left {', '.join(meta)} without data")  # a tensor GPT gained and load_hf forgot
+    return model

@@ -243,6 +243,24 @@ def test_load_hf_dtype(hf_dirs):
     assert m.lm_head.weight.dtype == torch.bfloat16 and m.rope_cos.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("name", HF_MODELS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_load_hf_spends_no_random_init_and_keeps_ties(name, dtype, hf_dirs):
+    "Built on the meta device, the file's tensors assigned: the global RNG is untouched, tied weights are one Parameter."
+    state = torch.get_rng_state()
+    m = load_hf(hf_dirs[name][1], dtype=dtype)
+    assert torch.equal(torch.get_rng_state(), state)  # no random initialisation drew from it
+    cfg = m.config
+    assert (m.lm_head.weight is m.wte.weight) == cfg.tie_weights
+    assert sum(p.numel() for p in m.parameters()) == n_params(cfg)  # a tied embedding counted once
+    tensors = [*m.parameters(), *m.buffers()]
+    assert not any(t.is_meta for t in tensors) and all(t.dtype == dtype for t in tensors)
+    assert all(p.requires_grad and p.is_contiguous() for p in m.parameters())
+    if cfg.family == "llama":  # computed, not loaded: the same tables as a model built the ordinary way
+        ref = GPT(cfg).to(dtype)
+        assert torch.equal(m.rope_cos, ref.rope_cos) and torch.equal(m.rope_sin, ref.rope_sin)
+
+
 def _edit(src, dst, config=None, tensors=None):
     from safetensors.torch import load_file, save_file
     dst.mkdir()
