@@ -19,14 +19,14 @@ anything else with confident nonsense in Austen's style."""
 # %% auto #0
 __all__ = ['HELP', 'split_turns', 'fit_history', 'prompt_ids', 'reply', 'chat_loop']
 
-# %% ../nbs/16_chat.ipynb #3b2be223
+# %% ../nbs/16_chat.ipynb #60623a97
 from typing import Iterator
 
 from .generate import stream
 from .tasks import encode_chat
 from .tokenizer import SPECIAL_TOKENS
 
-# %% ../nbs/16_chat.ipynb #7c2f2704
+# %% ../nbs/16_chat.ipynb #5e828352
 def split_turns(messages: list[dict]) -> tuple[list[dict], list[list[dict]]]:
     """The leading system message(s), and the rest as turns: each a user message and what follows it.
     `[sys, u1, a1, u2]` -> `([sys], [[u1, a1], [u2]])`."""
@@ -64,7 +64,7 @@ def prompt_ids(tok, messages: list[dict], context_length: int, max_new_tokens: i
     "The token ids to generate the reply after: `fit_history`'s messages in the chat template, ending in `<|assistant|>`."
     return encode_chat(tok, fit_history(tok, messages, context_length, max_new_tokens), add_generation_prompt=True)[0]
 
-# %% ../nbs/16_chat.ipynb #00af5daf
+# %% ../nbs/16_chat.ipynb #c596dc11
 def reply(model, tok, messages: list[dict], max_new_tokens: int = 48, temperature: float = 0.0, top_k: int | None = None,
           seed: int | None = None) -> Iterator[str]:
     """Stream the assistant's answer to `messages` (which end with the user's) as pieces of text, stopping at
@@ -85,7 +85,7 @@ def _pieces(tok, tokens, stop) -> Iterator[str]:
             sent = text
     if (text := tok.decode(new)) != sent: yield text[len(sent):]
 
-# %% ../nbs/16_chat.ipynb #7e13d830
+# %% ../nbs/16_chat.ipynb #d7f51021
 HELP = "/reset clears the history, /quit (or Ctrl-D) exits, Ctrl-C stops a reply; \\n in a message is a line break"
 
 def chat_loop(model, tok, input_fn=input, print_fn=print, system: str | None = None, max_new_tokens: int = 48,
@@ -118,7 +118,7 @@ def chat_loop(model, tok, input_fn=input, print_fn=print, system: str | None = N
             n_turns = len(split_turns(messages)[1])
             if (k := n_turns - len(split_turns(fit_history(tok, messages, model.config.context_length, max_new_tokens))[1])) > dropped:
                 dropped = k
-                print_fn(f"(the model no longer sees the first {k} turn{'s' * (k > 1)} of this conversation: the context is full)")
+                print_fn(f"(the model no longer sees the first {f'{k} turns' if k > 1 else 'turn'} of this conversation: the context is full)")
             pieces = reply(model, tok, messages, max_new_tokens, temperature, top_k,
                            None if seed is None else seed + n_replies)
         except ValueError as e:
