@@ -20,7 +20,7 @@ __all__ = ['CHAT_TOKENS', 'NOVEL_TITLES', 'COLUMNS', 'score_choices', 'as_choice
            'standard_error', 'confidence_interval', 'answer', 'task_accuracy', 'novel_choice_items',
            'completion_sampler', 'evaluate_suite', 'format_table']
 
-# %% ../nbs/15_evaluate.ipynb #c3b8d1d1
+# %% ../nbs/15_evaluate.ipynb #06b43c09
 import math
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -34,7 +34,7 @@ from .sandbox import PROBLEMS, evaluate_pass_at_k
 from .tasks import NOVEL_KEYS, check_answer, continuation_choices, encode_chat, fact_choices, instruction_examples
 from .train import evaluate_bpc
 
-# %% ../nbs/15_evaluate.ipynb #7075a6f3
+# %% ../nbs/15_evaluate.ipynb #3130759f
 @contextmanager
 def _evaluating(model):
     "Eval mode (no dropout) and no gradients inside, the model's device as the value; the mode is restored after."
@@ -77,7 +77,7 @@ def score_choices(model, tok, context, choices: list[str]) -> list[dict]:
         logp = -F.cross_entropy(logits.float().transpose(1, 2), y.to(device), ignore_index=-1, reduction="none")  # (B, L), 0 at -1
     return [dict(logprob=s, per_char=s / len(c), n_tokens=len(ids)) for s, c, ids in zip(logp.sum(1).tolist(), choices, conts)]
 
-# %% ../nbs/15_evaluate.ipynb #b6de45ce
+# %% ../nbs/15_evaluate.ipynb #37c2ba8d
 def as_choice_item(item: dict) -> tuple:
     "The context and the choices to score for an item: its `context` and `choices`, or its `question` as ARC's prompt."
     if "context" in item: return item["context"], list(item["choices"])
@@ -106,7 +106,7 @@ def multiple_choice_accuracy(model, tok, items: list[dict], pmi: bool = True) ->
         chance += 1 / len(choices)
     return {**{k: v / len(items) for k, v in hits.items()}, "n": len(items), "chance": chance / len(items)}
 
-# %% ../nbs/15_evaluate.ipynb #9a1a38f7
+# %% ../nbs/15_evaluate.ipynb #ced37ec5
 def standard_error(p: float, n: int) -> float:
     "The binomial standard error of an accuracy `p` measured on `n` items: sqrt(p (1 - p) / n)."
     if not (0 <= p <= 1 and n >= 1): raise ValueError(f"standard_error(p={p}, n={n}): need 0 <= p <= 1 and n >= 1")
@@ -118,7 +118,7 @@ def confidence_interval(p: float, n: int, z: float = 1.96) -> tuple[float, float
     centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
     return (centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)
 
-# %% ../nbs/15_evaluate.ipynb #58414d14
+# %% ../nbs/15_evaluate.ipynb #adb083be
 CHAT_TOKENS = ("<|user|>", "<|assistant|>", "<|end|>")
 
 def answer(model, tok, prompt: str, max_new_tokens: int = 16) -> str:
@@ -145,7 +145,7 @@ def task_accuracy(model, tok, records: list[dict], max_new_tokens: int = 16) -> 
     correct = sum(check_answer(a, r["response"]) for a, r in zip(answers, records))
     return {"acc": correct / len(records), "n": len(records), "answers": answers}
 
-# %% ../nbs/15_evaluate.ipynb #e1652199
+# %% ../nbs/15_evaluate.ipynb #f40f212b
 NOVEL_TITLES = [TITLES[k] for k in NOVEL_KEYS]
 
 def novel_choice_items(tok, records: list[dict]) -> list[dict]:
@@ -153,7 +153,7 @@ def novel_choice_items(tok, records: list[dict]) -> list[dict]:
     return [dict(context=encode_chat(tok, [dict(role="user", content=r["prompt"])], add_generation_prompt=True)[0],
                  choices=NOVEL_TITLES, label=NOVEL_TITLES.index(r["response"])) for r in records]
 
-# %% ../nbs/15_evaluate.ipynb #3fbfe0f8
+# %% ../nbs/15_evaluate.ipynb #43dd28b9
 def completion_sampler(model, tok, max_new_tokens: int = 48, temperature: float = 0.8, top_k: int | None = 50,
                        seed: int = 0) -> Callable[[str, int], list[str]]:
     "A `generate_fn(prompt, n)` for `sandbox.evaluate_pass_at_k`: `n` completions of `prompt` sampled from `model`, seeded."
@@ -167,7 +167,7 @@ def completion_sampler(model, tok, max_new_tokens: int = 48, temperature: float 
         return [tok.decode(o[len(ids):].tolist()) for o in out]
     return generate_fn
 
-# %% ../nbs/15_evaluate.ipynb #8a48cd84
+# %% ../nbs/15_evaluate.ipynb #99fa9dba
 def _chat_ready(tok) -> bool: return all(t in tok.special_tokens for t in CHAT_TOKENS)
 
 def evaluate_suite(model, tok, quick: bool = False, log: Callable[[str], None] | None = None) -> list[dict]:
