@@ -2,6 +2,7 @@
 
 Modules:
 
+- `minillm.align`: The instruction-tuned model answers in the right form but often wrongly. Alignment trains it on which answers are *better*: a reward model learns preferences, PPO optimises the model against it under a KL leash, and DPO gets there from the same preferences without a reward model or sampling.
 - `minillm.attention`: Self-attention built up one checked step at a time, from a weightless dot product to PyTorch's fused kernel, with the grouped-query attention and the KV cache the model uses.
 - `minillm.chat`: A chat is a loop around generation: the conversation written in the chat template, cut to fit the context window by dropping whole turns, a reply streamed until the model writes `<|end|>`, and a prompt that survives bad input and Ctrl-C.
 - `minillm.cli`: The command line: `minillm train`, `minillm sample` and `minillm tokenize` for runs too long for a notebook; `minillm chat` and `minillm eval` for the tuned model.

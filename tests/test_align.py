@@ -1,0 +1,83 @@
+"Alignment (minillm.align): log-probabilities, GAE, the reward model, PPO and DPO on a tiny model."
+import copy, math
+
+import pytest
+import torch
+
+from minillm.align import (PPOConfig, RewardModel, ValueHead, as_batch, chat_ids, dpo_loss, fact_preferences, gae,
+                           implicit_pair_accuracy, ppo, sample_responses, sequence_logprobs, train_dpo,
+                           train_reward_model)
+from minillm.model import GPT, GPTConfig
+from minillm.tokenizer import BPETokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return BPETokenizer().train("Whom does Emma marry? Mr. Knightley. Mr. Darcy. Bath. " * 30, vocab_size=300)
+
+
+@pytest.fixture
+def model(tok):
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32, context_length=64))
+
+
+def test_sequence_logprobs_match_a_manual_sum(model, tok):
+    convs = [chat_ids(tok, "Whom does Emma marry?", "Mr. Knightley"), chat_ids(tok, "Where?", "Bath")]
+    idx, starts, lengths = as_batch([c[0] for c in convs], [c[1] for c in convs])
+    lp, mask, h = sequence_logprobs(model, idx, starts, lengths)
+    assert h.shape == (2, idx.shape[1] - 1, 32)
+    for row, (ids, s) in enumerate(convs):
+        with torch.no_grad(): logits = model(torch.tensor([ids]))[0][0]
+        manual = sum(torch.log_softmax(logits[j - 1], -1)[ids[j]].item() for j in range(s, len(ids)))
+        assert mask[row].sum() == len(ids) - s
+        assert abs(lp[row].sum().item() - manual) < 1e-4
+
+
+def test_gae_by_hand_and_lambda_one_is_return_minus_value():
+    r, v, m = torch.tensor([[0., 0, 1, 0]]), torch.tensor([[0.5, 0.5, 0.5, 0]]), torch.tensor([[1., 1, 1, 0]])
+    adv, ret = gae(r, v, m, lam=0.95)
+    assert torch.allclose(adv, torch.tensor([[0.45125, 0.475, 0.5, 0]]))
+    adv1, ret1 = gae(r, v, m, lam=1.0)
+    assert torch.allclose(adv1[0, :3], 1 - v[0, :3]) and torch.allclose(ret1[0, :3], torch.ones(3))
+
+
+def test_reward_model_learns_a_preference(model, tok):
+    pairs = [dict(prompt="Whom does Emma marry?", chosen="Mr. Knightley", rejected="Mr. Darcy")] * 4
+    rm = RewardModel(model)
+    losses = train_reward_model(rm, tok, pairs, steps=30, batch_size=4, lr=3e-3)
+    assert abs(losses[0] - math.log(2)) < 1e-6 and losses[-1] < 0.1
+
+
+def test_dpo_loss_is_ln2_at_the_reference_and_training_raises_the_margin(model, tok):
+    pairs = [dict(prompt="Whom does Emma marry?", chosen="Mr. Knightley", rejected="Mr. Darcy")]
+    ref = copy.deepcopy(model).eval()
+    loss, acc = dpo_loss(model, ref, tok, pairs)
+    assert abs(loss.item() - math.log(2)) < 1e-6 and acc.item() == 0
+    train_dpo(model, ref, tok, pairs * 4, steps=20, batch_size=2, lr=1e-3)
+    assert implicit_pair_accuracy(model, ref, tok, pairs) == 1.0
+
+
+def test_ppo_runs_and_moves_toward_the_reward(model, tok):
+    ref = copy.deepcopy(model).eval()
+    def reward_fn(seqs, starts):  # the share of answer tokens with an id below 150: about half, at random
+        return torch.tensor([sum(t < 150 for t in s[st:]) / max(1, len(s) - st) for s, st in zip(seqs, starts)])
+    tasks = [dict(prompt="Where?", response="Bath")] * 8
+    hist = ppo(model, ValueHead(32), ref, reward_fn, tok, tasks, PPOConfig(batch_size=8, lr=1e-2, max_new_tokens=4), 20)
+    assert len(hist) == 20 and hist[0]["kl"] == 0.0
+    first, last = (sum(r["reward"] for r in hist[i : i + 5]) / 5 for i in (0, 15))
+    assert last > first + 0.1 and hist[-1]["kl"] > 0
+
+
+def test_sample_responses_groups_prompts_of_different_lengths(model, tok):
+    seqs, starts = sample_responses(model, tok, ["Where?", "Whom does Emma marry?", "Where?"], max_new_tokens=3, seed=1)
+    assert [s[:st] for s, st in zip(seqs, starts)] == [chat_ids(tok, p)[0] for p in ["Where?", "Whom does Emma marry?", "Where?"]]
+    assert all(1 <= len(s) - st <= 3 for s, st in zip(seqs, starts))
+
+
+def test_fact_preferences_hold_out_unseen_wrong_answers():
+    train, held = fact_preferences()
+    assert not {(p["prompt"], p["rejected"]) for p in train} & {(p["prompt"], p["rejected"]) for p in held}
+    assert all(p["chosen"] != p["rejected"] for p in train + held)
