@@ -19,7 +19,7 @@ __all__ = ['SFT_RECIPE', 'LORA_TARGETS', 'finetune_loop', 'pad', 'hidden_states'
            'train_classifier', 'predict', 'sft_batch', 'finetune', 'answer_loss', 'answers', 'accuracy_on', 'sft_dir',
            'instruction_tuned', 'LoRALinear', 'add_lora', 'lora_layers', 'merge_lora', 'unmerge_lora', 'n_trainable']
 
-# %% ../nbs/12_finetune.ipynb #3b01dd46
+# %% ../nbs/12_finetune.ipynb #a7eb5b1f
 import hashlib, json, math
 from dataclasses import asdict
 from pathlib import Path
@@ -35,7 +35,7 @@ from .model import GPT
 from .tasks import as_chat, check_answer, encode_chat, instruction_examples
 from .train import TrainConfig, _locked, find_checkpoint, load_run, lr_at, pretrained, save_checkpoint
 
-# %% ../nbs/12_finetune.ipynb #615d4d02
+# %% ../nbs/12_finetune.ipynb #f229d59c
 def finetune_loop(params, steps: int, lr: float, loss_fn, warmup: int | None = None, progress: bool = False) -> list[float]:
     "AdamW on the `params` that require gradients: warmup, cosine decay to lr/10, clipping at 1.0; `loss_fn(step) -> loss`."
     params = [p for p in params if p.requires_grad]
@@ -57,7 +57,7 @@ def pad(seqs: list[list[int]], value: int) -> torch.Tensor:
     T = max(map(len, seqs))
     return torch.tensor([s + [value] * (T - len(s)) for s in seqs], dtype=torch.long)
 
-# %% ../nbs/12_finetune.ipynb #bba1a4ce
+# %% ../nbs/12_finetune.ipynb #c20ad4ed
 def hidden_states(model: GPT, idx: torch.Tensor) -> torch.Tensor:
     "`(B, T)` ids -> `(B, T, C)`: the final norm's outputs, what the language-model head reads (captured by a hook)."
     out = []
@@ -104,7 +104,7 @@ def predict(clf: Classifier, tok, texts: list[str], batch_size: int = 64) -> lis
         out += clf(idx, lengths).argmax(-1).tolist()
     return out
 
-# %% ../nbs/12_finetune.ipynb #3749a03a
+# %% ../nbs/12_finetune.ipynb #ad1c1436
 def sft_batch(tok, records: list[dict], context_length: int, mask_prompt: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs and targets, `(B, T)` each, for `{'prompt', 'response'}` records in the chat template. A target is the
     next token, or -1 (ignored by the loss) on padding and, with `mask_prompt`, wherever the next token is not the
@@ -127,7 +127,7 @@ def finetune(model: GPT, tok, records: list[dict], steps: int = 300, batch_size:
         return model(*sft_batch(tok, batch, ctx, mask_prompt))[1]
     return finetune_loop(model.parameters(), steps, lr, loss_fn, progress=progress)
 
-# %% ../nbs/12_finetune.ipynb #b71d11f7
+# %% ../nbs/12_finetune.ipynb #b5bd883e
 @torch.no_grad()
 def answer_loss(model: GPT, tok, records: list[dict], batch_size: int = 64) -> float:
     "Mean cross-entropy per answer token (the assistant's reply and its `<|end|>`) over `records`."
@@ -157,7 +157,7 @@ def accuracy_on(model: GPT, tok, records: list[dict]) -> float:
     "The fraction of `records` whose greedy answer passes `check_answer`."
     return sum(map(check_answer, answers(model, tok, [r["prompt"] for r in records]), [r["response"] for r in records])) / len(records)
 
-# %% ../nbs/12_finetune.ipynb #b58f7fce
+# %% ../nbs/12_finetune.ipynb #cd26f2e3
 SFT_RECIPE = dict(base="austen-tiny", n_per_novel=500, steps=500, batch_size=32, lr=1e-3, mask_prompt=True, seed=0)
 
 def sft_dir() -> Path:
@@ -183,7 +183,7 @@ def instruction_tuned(device: str = "cpu", progress: bool = False) -> tuple[GPT,
             atomic_write_text(out / "metrics.json", json.dumps({"recipe": r, "losses": losses}))
     return load_run(out, device)
 
-# %% ../nbs/12_finetune.ipynb #5bf8374f
+# %% ../nbs/12_finetune.ipynb #68f2a83b
 class LoRALinear(nn.Module):
     """A frozen `nn.Linear` plus a trainable rank-`r` update: `base(x) + (alpha / r) · x Aᵀ Bᵀ` (Hu et al., 2021).
     `B` starts at zero, so the layer starts equal to `base`."""
