@@ -22,7 +22,7 @@ __all__ = ['HELP', 'split_turns', 'fit_history', 'prompt_ids', 'reply', 'chat_lo
 # %% ../nbs/16_chat.ipynb #60623a97
 from typing import Iterator
 
-from .generate import stream
+from .generate import stream_text
 from .tasks import encode_chat
 from .tokenizer import SPECIAL_TOKENS
 
@@ -72,18 +72,7 @@ def reply(model, tok, messages: list[dict], max_new_tokens: int = 48, temperatur
     generating, for a message that does not fit (`fit_history`) or contains special-token text."""
     ids = prompt_ids(tok, messages, model.config.context_length, max_new_tokens)
     stop = [i for t, i in tok.special_tokens.items() if t in SPECIAL_TOKENS]
-    return _pieces(tok, stream(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, seed=seed, stop_tokens=stop), set(stop))
-
-def _pieces(tok, tokens, stop) -> Iterator[str]:
-    new, sent = [], ""
-    for t in tokens:
-        if int(t[0]) in stop: break
-        new.append(int(t[0]))
-        text = tok.decode(new)
-        if not text.endswith("\ufffd"):  # not in the middle of a UTF-8 character
-            yield text[len(sent):]
-            sent = text
-    if (text := tok.decode(new)) != sent: yield text[len(sent):]
+    return stream_text(model, tok, ids, max_new_tokens, temperature=temperature, top_k=top_k, seed=seed, stop_tokens=stop)
 
 # %% ../nbs/16_chat.ipynb #d7f51021
 HELP = "/reset clears the history, /quit (or Ctrl-D) exits, Ctrl-C stops a reply; \\n in a message is a line break"

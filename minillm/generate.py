@@ -103,12 +103,13 @@ def generate(model, idx, max_new_tokens: int, **kwargs) -> torch.Tensor:
     return torch.cat([idx, torch.stack(new, dim=1)], dim=1) if new else idx
 
 # %% ../nbs/06_generate.ipynb #9427c3fd
-def stream_text(model, tokenizer, prompt: str, max_new_tokens: int, **kwargs) -> Iterator[str]:
-    """Generate after `prompt` and yield the text as it comes, piece by piece, using `tokenizer`'s `encode` and
-    `decode`. A stop token ends the text and is not part of it; a piece is held back while it ends inside a
-    multi-byte character."""
+def stream_text(model, tokenizer, prompt: str | list[int], max_new_tokens: int, **kwargs) -> Iterator[str]:
+    """Generate after `prompt` (text, encoded with `tokenizer.encode`, or token ids as they are) and yield the text as
+    it comes, piece by piece, decoded with `tokenizer.decode`. A stop token ends the text and is not part of it; a
+    piece is held back while it ends inside a multi-byte character."""
     stop, ids, sent = set(kwargs.get("stop_tokens", ())), [], ""
-    for t in stream(model, tokenizer.encode(prompt), max_new_tokens, **kwargs):
+    prompt_ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    for t in stream(model, prompt_ids, max_new_tokens, **kwargs):
         if int(t[0]) in stop: break
         ids.append(int(t[0]))
         text = tokenizer.decode(ids)
