@@ -7,21 +7,16 @@ import torch
 from minillm.align import (PPOConfig, RewardModel, ValueHead, as_batch, chat_ids, dpo_loss, fact_preferences, gae,
                            implicit_pair_accuracy, ppo, sample_responses, sequence_logprobs, train_dpo,
                            train_reward_model)
-from minillm.model import GPT, GPTConfig
-from minillm.tokenizer import BPETokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return BPETokenizer().train("Whom does Emma marry? Mr. Knightley. Mr. Darcy. Bath. " * 30, vocab_size=300)
+@pytest.fixture
+def tok(chat_tok): return chat_tok
 
 
 @pytest.fixture
-def model(tok):
-    torch.manual_seed(0)
-    return GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32, context_length=64))
+def model(tiny_gpt): return tiny_gpt
 
 
 def test_sequence_logprobs_match_a_manual_sum(model, tok):

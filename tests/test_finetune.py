@@ -6,21 +6,16 @@ import torch
 
 from minillm.finetune import (Classifier, LoRALinear, add_lora, finetune, hidden_states, lora_layers, merge_lora,
                               n_trainable, pad, sft_batch, unmerge_lora)
-from minillm.model import GPT, GPTConfig
-from minillm.tokenizer import BPETokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return BPETokenizer().train("Which novel is this passage from? Emma. Mr. Darcy said so. " * 30, vocab_size=300)
+@pytest.fixture
+def tok(chat_tok): return chat_tok
 
 
 @pytest.fixture
-def model(tok):
-    torch.manual_seed(0)
-    return GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32, context_length=64)).eval()
+def model(tiny_gpt): return tiny_gpt
 
 
 def test_hidden_states_are_what_the_head_reads(model):
