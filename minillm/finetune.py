@@ -168,7 +168,8 @@ def sft_dir() -> Path:
 
 def instruction_tuned(device: str = "cpu", progress: bool = False) -> tuple[GPT, object]:
     """The instruction-tuned model in one call: loaded from `sft_dir()`, or first fine-tuned there from
-    `pretrained(SFT_RECIPE['base'])` on `instruction_examples('train')` (deterministic on a CPU)."""
+    `pretrained(SFT_RECIPE['base'])` on `instruction_examples('train')`, on one CPU thread, so that the weights are
+    the same whatever the machine's thread count."""
     out = sft_dir()
     with _locked(out / ".lock"):
         if not ((out / "metrics.json").exists() and find_checkpoint(out / "ckpt")):
@@ -176,7 +177,10 @@ def instruction_tuned(device: str = "cpu", progress: bool = False) -> tuple[GPT,
             model, tok = pretrained(r["base"])
             torch.manual_seed(r["seed"])
             records = instruction_examples("train", n_per_novel=r["n_per_novel"], seed=r["seed"])
-            losses = finetune(model, tok, records, r["steps"], r["batch_size"], r["lr"], r["mask_prompt"], r["seed"], progress)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)  # sums in another order give other weights: one thread, the same model everywhere
+            try: losses = finetune(model, tok, records, r["steps"], r["batch_size"], r["lr"], r["mask_prompt"], r["seed"], progress)
+            finally: torch.set_num_threads(threads)
             tok.save(out / "tokenizer.model")
             save_checkpoint(out / "ckpt", model, torch.optim.AdamW(model.parameters()),
                             {"step": r["steps"], "recipe": r, "model_config": asdict(model.config)})
