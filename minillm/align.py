@@ -2,7 +2,7 @@
 *better*: a reward model learns preferences, PPO optimises the model against it under a KL leash, and DPO gets
 there from the same preferences without a reward model or sampling.
 
-Design: every piece is the GPT of @sec-model with something small on top — the reward model a scalar head on the last
+Design: every piece is the `GPT` of `minillm.model` with something small on top — the reward model a scalar head on the last
 token, the critic a linear value head on the policy's hidden states — and every log-probability comes from one
 function (`sequence_logprobs`) over right-padded batches, so PPO, DPO and the KL measurements agree on what a
 response's probability is. PPO follows InstructGPT (Ouyang et al., 2022) as implemented in the "N implementation
