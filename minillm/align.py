@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .finetune import finetune_loop, hidden_states, pad
+from .finetune import finetune_loop, hidden_states, logits_and_hidden, pad
 from .generate import generate
 from .tasks import check_answer, encode_chat, fact_questions
 
@@ -130,14 +130,11 @@ def sequence_logprobs(model, idx: torch.Tensor, starts: torch.Tensor, lengths: t
     """For right-padded conversations `idx` `(B, T)` whose responses run from `starts` to `lengths - 1`: the
     log-probability of every next token `(B, T-1)` (entry j is token j+1, zero outside the responses), the mask of
     response entries `(B, T-1)`, and the hidden states `(B, T-1, C)` that predicted them (for a value head)."""
-    out = []
-    hook = model.ln_f.register_forward_hook(lambda mod, inp, o: out.append(o))
-    try: logits, _ = model(idx[:, :-1])  # (B, T-1, V): position j predicts token j+1
-    finally: hook.remove()
+    logits, h = logits_and_hidden(model, idx[:, :-1])  # (B, T-1, V): position j predicts token j+1
     logp = torch.log_softmax(logits.float(), -1).gather(-1, idx[:, 1:, None]).squeeze(-1)  # (B, T-1)
     j = torch.arange(idx.shape[1] - 1)[None]  # (1, T-1)
     mask = ((j >= starts[:, None] - 1) & (j < lengths[:, None] - 1)).float()
-    return logp * mask, mask, out[0]
+    return logp * mask, mask, h
 
 def as_batch(seqs: list[list[int]], starts: list[int]):
     "Right-padded ids `(B, T)`, and the starts and lengths of the responses as tensors."
