@@ -2,15 +2,20 @@
 
 Two fixes make nbval work on notebooks that `nbdev-clean` has cleaned:
 
-1. nbdev-clean sets every cell's `execution_count` to null. nbval treats such a cell as "unrun" and fails with
-   "Unrun reference cell has outputs" (or silently skips the comparison). We give every collected cell a non-null
-   count, so that every stored output is compared. This patches nbval internals, so nbval is pinned exactly in
+1. nbdev-clean sets every cell's `execution_count` to null. nbval treats such a cell as "unrun" and
+   fails with
+   "Unrun reference cell has outputs" (or silently skips the comparison). We give every collected
+   cell a non-null
+   count, so that every stored output is compared. This patches nbval internals, so nbval is pinned
+   exactly in
    requirements-dev.txt.
 2. nbval ignores nbdev's `#| eval: false` and `#| notest` directives. We mark those cells skipped.
 
-Everything a notebook needs to be deterministic (seeds, thread counts) is done in the notebook itself, so that a
+Everything a notebook needs to be deterministic (seeds, thread counts) is done in the notebook
+itself, so that a
 reader who runs it by hand gets the same outputs.
 """
+
 import re
 
 import pytest
@@ -46,4 +51,6 @@ def pytest_collect_file(file_path, parent):
         try:
             json.loads(file_path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise pytest.UsageError(f"{file_path}: not a valid notebook (invalid JSON: {e})") from None
+            raise pytest.UsageError(
+                f"{file_path}: not a valid notebook (invalid JSON: {e})"
+            ) from None

@@ -1,19 +1,34 @@
-"""Our BPE trainer beside Hugging Face `tokenizers` (Rust), and tiktoken encoding beside our pure-Python reference.
+"""Our BPE trainer beside Hugging Face `tokenizers` (Rust), and tiktoken encoding beside our
+pure-Python reference.
 
-Both trainers see the same text, the same split pattern and the same vocabulary size, special tokens included. With
-`--pattern gpt4` (our default) HF gets GPT-4's pattern as a `Split` pre-tokenizer followed by `ByteLevel` without its
-own regex; with `--pattern gpt2` HF uses its standard `ByteLevel` pre-tokenizer, whose regex is GPT-2's.
-Time is wall-clock, best of `--repeat` runs (the machine is shared: the best run is the least disturbed one).
-Compression is bytes per token on the validation split, for tokenizers trained on the training split.
+Both trainers see the same text, the same split pattern and the same vocabulary size, special tokens
+included. With
+`--pattern gpt4` (our default) HF gets GPT-4's pattern as a `Split` pre-tokenizer followed by
+`ByteLevel` without its
+own regex; with `--pattern gpt2` HF uses its standard `ByteLevel` pre-tokenizer, whose regex is
+GPT-2's.
+Time is wall-clock, best of `--repeat` runs (the machine is shared: the best run is the least
+disturbed one).
+Compression is bytes per token on the validation split, for tokenizers trained on the training
+split.
 
-    .venv/bin/python benchmarks/tokenizer.py [--sizes 512,1024,4096,8192] [--repeat 3] [--pattern gpt4|gpt2]
+    .venv/bin/python benchmarks/tokenizer.py [--sizes 512,1024,4096,8192] [--repeat 3] [--pattern
+    gpt4|gpt2]
 """
-import os, time
+
+import os
+import time
 
 from fastcore.script import call_parse
 
 from minillm.data import load_corpus, train_val_split
-from minillm.tokenizer import GPT2_SPLIT_PATTERN, GPT4_SPLIT_PATTERN, SPECIAL_TOKENS, BPETokenizer, bytes_to_unicode
+from minillm.tokenizer import (
+    GPT2_SPLIT_PATTERN,
+    GPT4_SPLIT_PATTERN,
+    SPECIAL_TOKENS,
+    BPETokenizer,
+    bytes_to_unicode,
+)
 
 PATTERNS = {"gpt4": GPT4_SPLIT_PATTERN, "gpt2": GPT2_SPLIT_PATTERN}
 
@@ -30,14 +45,25 @@ def best_time(f, repeat: int):
 
 def hf_train(text: str, vocab_size: int, pattern: str):
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+
     tok = Tokenizer(models.BPE())
-    if pattern == "gpt2":  # HF's standard byte-level BPE: ByteLevel splits with GPT-2's regex itself
+    if (
+        pattern == "gpt2"
+    ):  # HF's standard byte-level BPE: ByteLevel splits with GPT-2's regex itself
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     else:
-        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(PATTERNS[pattern]), behavior="isolated"),
-                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(PATTERNS[pattern]), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator([text], trainer)
     return tok
 
@@ -49,22 +75,30 @@ def hf_vocab(tok) -> set[bytes]:
 
 
 @call_parse
-def main(sizes: str = "512,1024,4096,8192",  # vocabulary sizes, special tokens included
-         repeat: int = 3,  # timing runs per measurement; the best is reported
-         pattern: str = "gpt4"):  # the split pattern of both trainers: gpt4 or gpt2
-    if pattern not in PATTERNS: raise SystemExit(f"--pattern {pattern}: expected one of {sorted(PATTERNS)}")
+def main(
+    sizes: str = "512,1024,4096,8192",  # vocabulary sizes, special tokens included
+    repeat: int = 3,  # timing runs per measurement; the best is reported
+    pattern: str = "gpt4",
+):  # the split pattern of both trainers: gpt4 or gpt2
+    if pattern not in PATTERNS:
+        raise SystemExit(f"--pattern {pattern}: expected one of {sorted(PATTERNS)}")
     text = load_corpus()
     train, val = train_val_split(text)
     val_bytes = len(val.encode("utf-8"))
     try:
         import tokenizers
+
         have_hf = True
     except ImportError:
         have_hf = False
-    print(f"corpus: {len(text):,} characters (train {len(train):,}, validation {len(val):,}); {os.cpu_count()} CPUs; "
-          f"HF tokenizers {tokenizers.__version__ if have_hf else 'not installed'}; split pattern: {pattern.upper()}")
+    print(
+        f"corpus: {len(text):,} characters (train {len(train):,}, validation {len(val):,}); {os.cpu_count()} CPUs; "
+        f"HF tokenizers {tokenizers.__version__ if have_hf else 'not installed'}; split pattern: {pattern.upper()}"
+    )
     print()
-    print("training on the full corpus (time) and on the training split (compression: validation bytes per token)")
+    print(
+        "training on the full corpus (time) and on the training split (compression: validation bytes per token)"
+    )
     head = f"{'vocab':>6} {'ours s':>8} {'HF s':>8} {'ours B/tok':>11} {'HF B/tok':>9} {'diff':>7} {'same tokens':>12}"
     print(head)
     print("-" * len(head))
@@ -91,6 +125,10 @@ def main(sizes: str = "512,1024,4096,8192",  # vocabulary sizes, special tokens 
     ids, tt_s = best_time(lambda: tok.encode(val), repeat)
     ref, ref_s = best_time(lambda: tok.encode_reference(val), 1)
     assert ids == ref, "tiktoken and the reference encoder disagree"
-    print(f"encoding the validation split ({val_bytes / 1e6:.2f} MB) with vocab {tok.vocab_size:,}, one thread:")
+    print(
+        f"encoding the validation split ({val_bytes / 1e6:.2f} MB) with vocab {tok.vocab_size:,}, one thread:"
+    )
     print(f"  tiktoken (BPETokenizer.encode)        {val_bytes / tt_s / 1e6:6.1f} MB/s")
-    print(f"  pure Python (encode_reference)        {val_bytes / ref_s / 1e6:6.2f} MB/s   same ids: {ids == ref}")
+    print(
+        f"  pure Python (encode_reference)        {val_bytes / ref_s / 1e6:6.2f} MB/s   same ids: {ids == ref}"
+    )

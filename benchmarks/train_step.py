@@ -1,42 +1,61 @@
-"""Speed of one training step (forward, backward, AdamW step) of our GPT beside nanoGPT's model, at the same config.
+"""Speed of one training step (forward, backward, AdamW step) of our GPT beside nanoGPT's model, at
+the same config.
 
-The config of issue 4: batch 12 x 64 tokens, 4 layers, 4 heads, 128 dimensions, the character vocabulary of the
-corpus (81), float32, dropout 0, 2 threads. nanoGPT is not a dependency and is not downloaded: `NanoGPT` below is a
-faithful minimal re-implementation of the model in Karpathy's nanoGPT `model.py` (MIT licence) — one `c_attn` Linear
-for q, k and v, `F.scaled_dot_product_attention(is_causal=True)`, `nn.GELU()` (exact), its LayerNorm with a bias
-through `F.layer_norm`, learned positions through `nn.Embedding`, tied embeddings, the same initialisation — and its
-optimizer as `configure_optimizers` builds it on a CPU: AdamW in two parameter groups, not fused (nanoGPT fuses only
+The config of issue 4: batch 12 x 64 tokens, 4 layers, 4 heads, 128 dimensions, the character
+vocabulary of the
+corpus (81), float32, dropout 0, 2 threads. nanoGPT is not a dependency and is not downloaded:
+`NanoGPT` below is a
+faithful minimal re-implementation of the model in Karpathy's nanoGPT `model.py` (MIT licence) — one
+`c_attn` Linear
+for q, k and v, `F.scaled_dot_product_attention(is_causal=True)`, `nn.GELU()` (exact), its LayerNorm
+with a bias
+through `F.layer_norm`, learned positions through `nn.Embedding`, tied embeddings, the same
+initialisation — and its
+optimizer as `configure_optimizers` builds it on a CPU: AdamW in two parameter groups, not fused
+(nanoGPT fuses only
 on CUDA). It is the reference, labelled as such in the output.
 
-Ours: `minillm.model.GPT`, gpt2 family (the same architecture: LayerNorm, exact GELU, biases, tied embeddings), with
-`torch.optim.AdamW(fused=True)`; and the same without biases (nanoGPT's `train.py` also defaults to `bias=False`).
+Ours: `minillm.model.GPT`, gpt2 family (the same architecture: LayerNorm, exact GELU, biases, tied
+embeddings), with
+`torch.optim.AdamW(fused=True)`; and the same without biases (nanoGPT's `train.py` also defaults to
+`bias=False`).
 
-Method: all models take turns, `--rounds` rounds of `--steps` steps each after a warm-up, on the same batch, so that
-they see the same machine load; we report the best round (the least disturbed: the machine is shared) and the
+Method: all models take turns, `--rounds` rounds of `--steps` steps each after a warm-up, on the
+same batch, so that
+they see the same machine load; we report the best round (the least disturbed: the machine is
+shared) and the
 median round, and the speed-up of ours over the reference for both.
 
     .venv/bin/python benchmarks/train_step.py [--rounds 20] [--steps 5] [--threads 2] [--scratch]
 """
-import argparse, math, os, statistics, time
+
+import argparse
+import math
+import os
+import statistics
+import time
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from minillm.model import GPT, GPTConfig, n_params
 
 B, T, N_LAYER, N_HEAD, N_EMBD, VOCAB = 12, 64, 4, 4, 128, 81
 
 
-# ---------------------------------------------------------------- the reference: nanoGPT's model.py, re-implemented
+# ---------------------------------------------------------------- the reference: nanoGPT's
+# model.py, re-implemented
 class NanoLayerNorm(nn.Module):
     "nanoGPT: LayerNorm but with an optional bias."
+
     def __init__(self, ndim, bias):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(ndim))
         self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
 
-    def forward(self, x): return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+    def forward(self, x):
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
 
 
 class NanoAttention(nn.Module):
@@ -66,7 +85,8 @@ class NanoMLP(nn.Module):
         self.c_proj = nn.Linear(4 * n_embd, n_embd, bias=bias)
         self.dropout = nn.Dropout(0.0)
 
-    def forward(self, x): return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
 
 
 class NanoBlock(nn.Module):
@@ -82,22 +102,31 @@ class NanoBlock(nn.Module):
 
 class NanoGPT(nn.Module):
     "The reference: nanoGPT's GPT (model.py), with its `generate` (no KV cache)."
+
     def __init__(self, vocab_size, block_size, n_layer, n_head, n_embd, bias=True):
         super().__init__()
         self.block_size = block_size
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(vocab_size, n_embd), wpe=nn.Embedding(block_size, n_embd), drop=nn.Dropout(0.0),
-            h=nn.ModuleList([NanoBlock(n_embd, n_head, bias) for _ in range(n_layer)]), ln_f=NanoLayerNorm(n_embd, bias)))
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(vocab_size, n_embd),
+                wpe=nn.Embedding(block_size, n_embd),
+                drop=nn.Dropout(0.0),
+                h=nn.ModuleList([NanoBlock(n_embd, n_head, bias) for _ in range(n_layer)]),
+                ln_f=NanoLayerNorm(n_embd, bias),
+            )
+        )
         self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
         for pn, p in self.named_parameters():
-            if pn.endswith("c_proj.weight"): nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
+            if pn.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None: nn.init.zeros_(module.bias)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
@@ -105,26 +134,31 @@ class NanoGPT(nn.Module):
         b, t = idx.size()
         pos = torch.arange(0, t, dtype=torch.long, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
-        for block in self.transformer.h: x = block(x)
+        for block in self.transformer.h:
+            x = block(x)
         x = self.transformer.ln_f(x)
         if targets is not None:
             logits = self.lm_head(x)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+            loss = F.cross_entropy(
+                logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1
+            )
         else:
             logits, loss = self.lm_head(x[:, [-1], :]), None
         return logits, loss
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         params = [p for p in self.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
         extra = dict(fused=True) if device_type == "cuda" else dict()  # nanoGPT: fused only on CUDA
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
         for _ in range(max_new_tokens):
-            idx_cond = idx if idx.size(1) <= self.block_size else idx[:, -self.block_size:]
+            idx_cond = idx if idx.size(1) <= self.block_size else idx[:, -self.block_size :]
             logits, _ = self(idx_cond)
             logits = logits[:, -1, :] / temperature
             if top_k is not None:
@@ -135,7 +169,8 @@ class NanoGPT(nn.Module):
         return idx
 
 
-# ---------------------------------------------------------------- the from-scratch layers of the model chapter
+# ---------------------------------------------------------------- the from-scratch layers of the
+# model chapter
 class ScratchLayerNorm(nn.Module):
     def __init__(self, C):
         super().__init__()
@@ -146,15 +181,18 @@ class ScratchLayerNorm(nn.Module):
         return self.weight * (x - mean) / torch.sqrt(var + 1e-5) + self.bias
 
 
-def scratch_gelu(x): return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+def scratch_gelu(x):
+    return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
 
 
 def with_scratch_layers(model: GPT) -> GPT:
     "Our model with hand-written LayerNorm and GELU, as in the chapter (and Raschka's book)."
     for parent in [*model.h, model]:
         for name in ("ln_1", "ln_2", "ln_f"):
-            if hasattr(parent, name): setattr(parent, name, ScratchLayerNorm(model.config.n_embd))
-    for block in model.h: block.mlp.forward = lambda x, m=block.mlp: m.c_proj(scratch_gelu(m.c_fc(x)))
+            if hasattr(parent, name):
+                setattr(parent, name, ScratchLayerNorm(model.config.n_embd))
+    for block in model.h:
+        block.mlp.forward = lambda x, m=block.mlp: m.c_proj(scratch_gelu(m.c_fc(x)))
     return model
 
 
@@ -165,20 +203,34 @@ def make_step(name, x, y):
         model = NanoGPT(VOCAB, T, N_LAYER, N_HEAD, N_EMBD, bias=True)
         opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
     else:
-        cfg = GPTConfig(vocab_size=VOCAB, context_length=T, n_layer=N_LAYER, n_head=N_HEAD, n_embd=N_EMBD,
-                        bias="no bias" not in name)
+        cfg = GPTConfig(
+            vocab_size=VOCAB,
+            context_length=T,
+            n_layer=N_LAYER,
+            n_head=N_HEAD,
+            n_embd=N_EMBD,
+            bias="no bias" not in name,
+        )
         model = GPT(cfg)
-        if "scratch" in name: model = with_scratch_layers(model)
+        if "scratch" in name:
+            model = with_scratch_layers(model)
         params = list(model.parameters())
-        opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
-                                 {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-                                lr=1e-3, betas=(0.9, 0.99), fused=True)
+        opt = torch.optim.AdamW(
+            [
+                {"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+                {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+            ],
+            lr=1e-3,
+            betas=(0.9, 0.99),
+            fused=True,
+        )
 
     def step():
         _, loss = model(x, y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
     return model, step
 
 
@@ -187,32 +239,54 @@ def main():
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--steps", type=int, default=5, help="steps per round")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--scratch", action="store_true", help="also time our model with the chapter's from-scratch LayerNorm and GELU")
+    ap.add_argument(
+        "--scratch",
+        action="store_true",
+        help="also time our model with the chapter's from-scratch LayerNorm and GELU",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
-    x, y = torch.randint(0, VOCAB, (B, T), generator=g), torch.randint(0, VOCAB, (B, T), generator=g)
-    names = ["nanoGPT (reference)", "minillm", "minillm, no bias"] + (["minillm, from-scratch LN+GELU"] if args.scratch else [])
+    x, y = (
+        torch.randint(0, VOCAB, (B, T), generator=g),
+        torch.randint(0, VOCAB, (B, T), generator=g),
+    )
+    names = ["nanoGPT (reference)", "minillm", "minillm, no bias"] + (
+        ["minillm, from-scratch LN+GELU"] if args.scratch else []
+    )
     models, steps = {}, {}
-    for name in names: models[name], steps[name] = make_step(name, x, y)
+    for name in names:
+        models[name], steps[name] = make_step(name, x, y)
     for step in steps.values():
-        for _ in range(3): step()
+        for _ in range(3):
+            step()
     times = {name: [] for name in names}
     for _ in range(args.rounds):
         for name, step in steps.items():
             t = time.perf_counter()
-            for _ in range(args.steps): step()
+            for _ in range(args.steps):
+                step()
             times[name].append((time.perf_counter() - t) / args.steps * 1000)
-    cfg = GPTConfig(vocab_size=VOCAB, context_length=T, n_layer=N_LAYER, n_head=N_HEAD, n_embd=N_EMBD)
-    print(f"train step: batch {B} x {T}, {N_LAYER} layers, {N_HEAD} heads, {N_EMBD} dims, vocab {VOCAB}, "
-          f"{n_params(cfg):,} parameters, float32, {args.threads} threads, torch {torch.__version__}")
-    print(f"{args.rounds} rounds of {args.steps} steps, models taking turns; load average before: "
-          f"{' '.join(f'{l:.2f}' for l in os.getloadavg())}")
+    cfg = GPTConfig(
+        vocab_size=VOCAB, context_length=T, n_layer=N_LAYER, n_head=N_HEAD, n_embd=N_EMBD
+    )
+    print(
+        f"train step: batch {B} x {T}, {N_LAYER} layers, {N_HEAD} heads, {N_EMBD} dims, vocab {VOCAB}, "
+        f"{n_params(cfg):,} parameters, float32, {args.threads} threads, torch {torch.__version__}"
+    )
+    print(
+        f"{args.rounds} rounds of {args.steps} steps, models taking turns; load average before: "
+        f"{' '.join(f'{l:.2f}' for l in os.getloadavg())}"
+    )
     ref_best, ref_med = min(times[names[0]]), statistics.median(times[names[0]])
-    print(f"{'model':32s}{'best ms/step':>13s}{'median':>9s}{'tokens/s':>10s}{'time / reference: best':>24s}{'median':>8s}")
+    print(
+        f"{'model':32s}{'best ms/step':>13s}{'median':>9s}{'tokens/s':>10s}{'time / reference: best':>24s}{'median':>8s}"
+    )
     for name in names:
         best, med = min(times[name]), statistics.median(times[name])
-        print(f"{name:32s}{best:>13.1f}{med:>9.1f}{B * T / best * 1000:>10,.0f}{best / ref_best:>24.3f}{med / ref_med:>8.3f}")
+        print(
+            f"{name:32s}{best:>13.1f}{med:>9.1f}{B * T / best * 1000:>10,.0f}{best / ref_best:>24.3f}{med / ref_med:>8.3f}"
+        )
 
 
 if __name__ == "__main__":

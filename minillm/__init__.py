@@ -1,4 +1,4 @@
-"""Build a Large Language Model (From Scratch): the library the book builds, trained on Jane Austen
+"""Pride and Parameters: the GPT-style language model a book builds from scratch, trained on Jane Austen
 
 Modules:
 

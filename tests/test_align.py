@@ -1,38 +1,65 @@
 "Alignment (minillm.align): log-probabilities, GAE, the reward model, PPO and DPO on a tiny model."
-import copy, math
+
+import copy
+import math
 
 import pytest
 import torch
 
-from minillm.align import (PPOConfig, RewardModel, ValueHead, as_batch, chat_ids, dpo_loss, fact_preferences, gae,
-                           implicit_pair_accuracy, ppo, sample_responses, sequence_logprobs, train_dpo,
-                           train_reward_model)
+from minillm.align import (
+    PPOConfig,
+    RewardModel,
+    ValueHead,
+    as_batch,
+    chat_ids,
+    dpo_loss,
+    fact_preferences,
+    gae,
+    implicit_pair_accuracy,
+    ppo,
+    sample_responses,
+    sequence_logprobs,
+    train_dpo,
+    train_reward_model,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
-def tok(chat_tok): return chat_tok
+def tok(chat_tok):
+    return chat_tok
 
 
 @pytest.fixture
-def model(tiny_gpt): return tiny_gpt
+def model(tiny_gpt):
+    return tiny_gpt
 
 
 def test_sequence_logprobs_match_a_manual_sum(model, tok):
-    convs = [chat_ids(tok, "Whom does Emma marry?", "Mr. Knightley"), chat_ids(tok, "Where?", "Bath")]
+    convs = [
+        chat_ids(tok, "Whom does Emma marry?", "Mr. Knightley"),
+        chat_ids(tok, "Where?", "Bath"),
+    ]
     idx, starts, lengths = as_batch([c[0] for c in convs], [c[1] for c in convs])
     lp, mask, h = sequence_logprobs(model, idx, starts, lengths)
     assert h.shape == (2, idx.shape[1] - 1, 32)
     for row, (ids, s) in enumerate(convs):
-        with torch.no_grad(): logits = model(torch.tensor([ids]))[0][0]
-        manual = sum(torch.log_softmax(logits[j - 1], -1)[ids[j]].item() for j in range(s, len(ids)))
+        with torch.no_grad():
+            logits = model(torch.tensor([ids]))[0][0]
+        manual = sum(
+            torch.log_softmax(logits[j - 1], -1)[ids[j]].item() for j in range(s, len(ids))
+        )
         assert mask[row].sum() == len(ids) - s
         assert abs(lp[row].sum().item() - manual) < 1e-4
 
 
 def test_gae_by_hand_and_lambda_one_is_return_minus_value():
-    r, v, m = torch.tensor([[0., 0, 1, 0]]), torch.tensor([[0.5, 0.5, 0.5, 0]]), torch.tensor([[1., 1, 1, 0]])
+    r, v, m = (
+        torch.tensor([[0.0, 0, 1, 0]]),
+        torch.tensor([[0.5, 0.5, 0.5, 0]]),
+        torch.tensor([[1.0, 1, 1, 0]]),
+    )
     adv, ret = gae(r, v, m, lam=0.95)
     assert torch.allclose(adv, torch.tensor([[0.45125, 0.475, 0.5, 0]]))
     adv1, ret1 = gae(r, v, m, lam=1.0)
@@ -57,22 +84,43 @@ def test_dpo_loss_is_ln2_at_the_reference_and_training_raises_the_margin(model, 
 
 def test_ppo_runs_and_moves_toward_the_reward(model, tok):
     ref = copy.deepcopy(model).eval()
-    def reward_fn(seqs, starts):  # the share of answer tokens with an id below 150: about half, at random
-        return torch.tensor([sum(t < 150 for t in s[st:]) / max(1, len(s) - st) for s, st in zip(seqs, starts)])
+
+    def reward_fn(
+        seqs, starts
+    ):  # the share of answer tokens with an id below 150: about half, at random
+        return torch.tensor(
+            [sum(t < 150 for t in s[st:]) / max(1, len(s) - st) for s, st in zip(seqs, starts)]
+        )
+
     tasks = [dict(prompt="Where?", response="Bath")] * 8
-    hist = ppo(model, ValueHead(32), ref, reward_fn, tok, tasks, PPOConfig(batch_size=8, lr=1e-2, max_new_tokens=4), 20)
+    hist = ppo(
+        model,
+        ValueHead(32),
+        ref,
+        reward_fn,
+        tok,
+        tasks,
+        PPOConfig(batch_size=8, lr=1e-2, max_new_tokens=4),
+        20,
+    )
     assert len(hist) == 20 and hist[0]["kl"] == 0.0
     first, last = (sum(r["reward"] for r in hist[i : i + 5]) / 5 for i in (0, 15))
     assert last > first + 0.1 and hist[-1]["kl"] > 0
 
 
 def test_sample_responses_groups_prompts_of_different_lengths(model, tok):
-    seqs, starts = sample_responses(model, tok, ["Where?", "Whom does Emma marry?", "Where?"], max_new_tokens=3, seed=1)
-    assert [s[:st] for s, st in zip(seqs, starts)] == [chat_ids(tok, p)[0] for p in ["Where?", "Whom does Emma marry?", "Where?"]]
+    seqs, starts = sample_responses(
+        model, tok, ["Where?", "Whom does Emma marry?", "Where?"], max_new_tokens=3, seed=1
+    )
+    assert [s[:st] for s, st in zip(seqs, starts)] == [
+        chat_ids(tok, p)[0] for p in ["Where?", "Whom does Emma marry?", "Where?"]
+    ]
     assert all(1 <= len(s) - st <= 3 for s, st in zip(seqs, starts))
 
 
 def test_fact_preferences_hold_out_unseen_wrong_answers():
     train, held = fact_preferences()
-    assert not {(p["prompt"], p["rejected"]) for p in train} & {(p["prompt"], p["rejected"]) for p in held}
+    assert not {(p["prompt"], p["rejected"]) for p in train} & {
+        (p["prompt"], p["rejected"]) for p in held
+    }
     assert all(p["chosen"] != p["rejected"] for p in train + held)

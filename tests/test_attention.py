@@ -1,4 +1,5 @@
 """The attention layer: equal to the explicit step-by-step versions (within 1e-6), causal, GQA, KV cache, RoPE, errors."""
+
 import math
 
 import pytest
@@ -15,8 +16,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def loop_attention(m: CausalSelfAttention, x, rope=None):
-    """The slowest, plainest causal multi-head attention, in float64: one query at a time, softmax by hand, the GQA key/
-    value head of query head h is h // (n_head / n_kv_head). Shares only the weights with the module."""
+    """The slowest, plainest causal multi-head attention, in float64: one query at a time, softmax
+    by hand, the GQA key/
+    value head of query head h is h // (n_head / n_kv_head). Shares only the weights with the
+    module."""
     B, T, C = x.shape
     W, b = m.c_attn.weight.double(), m.c_attn.bias.double() if m.c_attn.bias is not None else 0
     qkv = x.double() @ W.T + b
@@ -26,12 +29,17 @@ def loop_attention(m: CausalSelfAttention, x, rope=None):
     k = k.view(B, T, m.n_kv_head, hs).transpose(1, 2)
     v = v.view(B, T, m.n_kv_head, hs).transpose(1, 2)
     if rope is not None:
-        q, k = apply_rope(q, *(t.double() for t in rope)), apply_rope(k, *(t.double() for t in rope))
+        q, k = (
+            apply_rope(q, *(t.double() for t in rope)),
+            apply_rope(k, *(t.double() for t in rope)),
+        )
     y = torch.zeros(B, m.n_head, T, hs, dtype=torch.float64)
     for bi in range(B):
         for h in range(m.n_head):
             for i in range(T):
-                s = torch.stack([q[bi, h, i] @ k[bi, h // group, j] / math.sqrt(hs) for j in range(i + 1)])
+                s = torch.stack(
+                    [q[bi, h, i] @ k[bi, h // group, j] / math.sqrt(hs) for j in range(i + 1)]
+                )
                 a = torch.exp(s - s.max()) / torch.exp(s - s.max()).sum()
                 y[bi, h, i] = sum(a[j] * v[bi, h // group, j] for j in range(i + 1))
     y = y.transpose(1, 2).reshape(B, T, C)
@@ -40,7 +48,8 @@ def loop_attention(m: CausalSelfAttention, x, rope=None):
 
 
 def explicit_attention(m: CausalSelfAttention, x):
-    "The chapter's `MultiHeadAttention` step: scores, -inf mask, softmax, weighted sum, with the module's weights."
+    """The chapter's `MultiHeadAttention` step: scores, -inf mask, softmax, weighted sum, with the
+    module's weights."""
     B, T, C = x.shape
     q, k, v = m.c_attn(x).split(m.sizes, dim=2)
     heads = lambda t: t.view(B, T, -1, m.head_dim).transpose(1, 2)
@@ -68,14 +77,17 @@ def test_equals_loop_and_explicit_versions(x, n_kv_head, bias):
 
 
 def test_equals_sdpa_with_separate_projections(x):
-    "The fused c_attn is three projections stacked: compare with F.scaled_dot_product_attention on separate q, k, v."
+    """The fused c_attn is three projections stacked: compare with F.scaled_dot_product_attention on
+    separate q, k, v."""
     torch.manual_seed(2)
     m = CausalSelfAttention(32, n_head=4).eval()
     Wq, Wk, Wv = m.c_attn.weight.split(32)
     bq, bk, bv = m.c_attn.bias.split(32)
     heads = lambda t: t.view(2, 11, 4, 8).transpose(1, 2)
     with torch.no_grad():
-        y = F.scaled_dot_product_attention(heads(x @ Wq.T + bq), heads(x @ Wk.T + bk), heads(x @ Wv.T + bv), is_causal=True)
+        y = F.scaled_dot_product_attention(
+            heads(x @ Wq.T + bq), heads(x @ Wk.T + bk), heads(x @ Wv.T + bv), is_causal=True
+        )
         ref = m.c_proj(y.transpose(1, 2).reshape(2, 11, 32))
         torch.testing.assert_close(m(x), ref, **TOL)
 
@@ -118,8 +130,12 @@ def test_kv_cache_equals_full_forward(x, n_kv_head, use_rope):
         full = m(x, rope=rope(0, 11))
         cache = KVCache(2, n_kv_head, 16, 8)
         out = [m(x[:, :4], rope=rope(0, 4), cache=cache)]  # prefill
-        out += [m(x[:, t : t + 1], rope=rope(t, t + 1), cache=cache) for t in range(4, 7)]  # one token at a time
-        out += [m(x[:, 7:], rope=rope(7, 11), cache=cache)]  # a chunk after a cached prefix: rectangular mask
+        out += [
+            m(x[:, t : t + 1], rope=rope(t, t + 1), cache=cache) for t in range(4, 7)
+        ]  # one token at a time
+        out += [
+            m(x[:, 7:], rope=rope(7, 11), cache=cache)
+        ]  # a chunk after a cached prefix: rectangular mask
     assert cache.pos == 11 and cache.k.shape == (2, n_kv_head, 16, 8)
     torch.testing.assert_close(torch.cat(out, dim=1), full, **TOL)
 
@@ -127,7 +143,9 @@ def test_kv_cache_equals_full_forward(x, n_kv_head, use_rope):
 def test_kv_cache_overflow_is_an_error(x):
     m = CausalSelfAttention(32, n_head=4).eval()
     cache = KVCache(2, 4, 8, 8)
-    with pytest.raises(ValueError, match=r"KV cache full: 0 cached \+ 11 new positions > max_len=8"):
+    with pytest.raises(
+        ValueError, match=r"KV cache full: 0 cached \+ 11 new positions > max_len=8"
+    ):
         m(x, cache=cache)
 
 
@@ -136,12 +154,16 @@ def test_dropout_only_in_training(x):
     m = CausalSelfAttention(32, n_head=4, dropout=0.5)
     ref = CausalSelfAttention(32, n_head=4)
     ref.load_state_dict(m.state_dict())
-    m.eval(); ref.eval()
+    m.eval()
+    ref.eval()
     torch.testing.assert_close(m(x), ref(x), **TOL)
     m.train()
-    torch.manual_seed(0); a = m(x)
-    torch.manual_seed(0); b = m(x)
-    torch.manual_seed(1); c = m(x)
+    torch.manual_seed(0)
+    a = m(x)
+    torch.manual_seed(0)
+    b = m(x)
+    torch.manual_seed(1)
+    c = m(x)
     torch.testing.assert_close(a, b)  # dropout follows the seed
     assert (a - c).abs().max() > 1e-3 and (a - ref(x)).abs().max() > 1e-3
 

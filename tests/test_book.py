@@ -1,11 +1,24 @@
 """tools/render_book.py: the book renderer used by `make book` where Quarto is not installed.
 
-A small fake book (its own _quarto.yml, a preface and a part with two chapters, generated here with nbformat) uses
-every feature the chapters use; we render it once and check the HTML pages and the Typst source behind the PDF.
-Then we break it in the ways a writer does (invalid JSON, a missing chapter, an unresolved reference, markup Typst
-rejects) and check that the build fails naming the file, and leaves the previously rendered book as it was.
+A small fake book (its own _quarto.yml, a preface and a part with two chapters, generated here with
+nbformat) uses
+every feature the chapters use; we render it once and check the HTML pages and the Typst source
+behind the PDF.
+Then we break it in the ways a writer does (invalid JSON, a missing chapter, an unresolved
+reference, markup Typst
+rejects) and check that the build fails naming the file, and leaves the previously rendered book as
+it was.
 """
-import base64, html, importlib.util, re, shutil, struct, subprocess, sys, zlib
+
+import base64
+import html
+import importlib.util
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -52,16 +65,29 @@ format:
 
 def png(w=8, h=6):
     "A tiny valid PNG, without matplotlib."
+
     def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        )
+
     rows = b"".join(b"\x00" + b"\x20\x60\xc0" * w for _ in range(h))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
 
 
 SVG = '<svg xmlns="http://www.w3.org/2000/svg" width="40" height="20"><rect width="40" height="20" fill="teal"/></svg>'
-TABLE = ('<div><style scoped>.dataframe td {color: red}</style><table border="1" class="dataframe"><thead>'
-         '<tr><th></th><th>tokens</th></tr></thead><tbody><tr><th>0</th><td>4242</td></tr></tbody></table></div>')
+TABLE = (
+    '<div><style scoped>.dataframe td {color: red}</style><table border="1" class="dataframe"><thead>'
+    '<tr><th></th><th>tokens</th></tr></thead><tbody><tr><th>0</th><td>4242</td></tr></tbody></table></div>'
+)
 
 
 def stream(text, name="stdout"):
@@ -71,55 +97,130 @@ def stream(text, name="stdout"):
 def write_project(root: Path):
     (root / "nbs").mkdir(parents=True)
     (root / "_quarto.yml").write_text(QUARTO_YML)
-    index = new_notebook(cells=[
-        new_markdown_cell("# Preface {#sec-preface}\n\n> What this test book is for."),
-        new_markdown_cell("Read @sec-one-second first, then [the second chapter](02_two.ipynb) and "
-                          "[its section](02_two.ipynb#sec-two-a)."),
-    ])
-    one = new_notebook(cells=[
-        new_markdown_cell("# Chapter one {#sec-one}\n\n> The lead of chapter one."),
-        new_code_cell("#| default_exp one"),
-        new_markdown_cell("#| export\nThe module docstring of one."),
-        new_markdown_cell("## First section {#sec-one-first}\n\nInline math $a^2 + b^2$ and display math\n\n"
-                          "$$\\sum_{i=1}^n x_i$$\n\nSee @sec-one-second below."),
-        new_markdown_cell("::: {.callout-warning}\n## Mind this\nThe warning body.\n:::\n\n"
-                          "::: {.callout-tip title=\"A titled tip\"}\nThe tip body.\n:::\n\n"
-                          "::: {.callout-note}\nAn untitled note.\n:::"),
-        new_code_cell("# NBVAL_IGNORE_OUTPUT\nprint('visible code')",
-                      outputs=[stream("\x1b[32mvisible\x1b[0m output\n"), stream("warned\n", "stderr")]),
-        new_code_cell("#| hide\nsecret_hidden_code()", outputs=[stream("secret hidden output\n")]),
-        new_code_cell("#| include: false\nsecret_excluded_code()", outputs=[stream("secret excluded output\n")]),
-        new_code_cell("#| echo: false\nechoed_code_absent()", outputs=[stream("echo false output\n")]),
-        new_code_cell("#| output: false\nshown_code_without_output()", outputs=[stream("output false output\n")]),
-        new_code_cell("#| label: fig-dots\n#| fig-cap: \"Some *blue* dots.\"\nplot_dots()", outputs=[
-            new_output("display_data", data={"image/png": base64.b64encode(png()).decode(),
-                                              "text/plain": "<Figure size 640x480 with 1 Axes>"})]),
-        new_code_cell("draw_svg()", outputs=[new_output("display_data", data={"image/svg+xml": SVG, "text/plain": "<svg>"})]),
-        new_code_cell("frame", outputs=[new_output("execute_result", execution_count=1,
-                                                   data={"text/html": TABLE, "text/plain": "   tokens\n0  4242"})]),
-        new_code_cell("# NBVAL_RAISES_EXCEPTION\n1/0", outputs=[new_output(
-            "error", ename="ZeroDivisionError", evalue="division by zero",
-            traceback=["\x1b[0;31m---------\x1b[0m", "\x1b[0;31mZeroDivisionError\x1b[0m: division by zero"])]),
-        new_markdown_cell("A plain fenced block:\n\n```\nno language here\n```\n\n"
-                          "::: {.content-visible when-format=\"html\"}\nOnly on the web.\n:::\n\n"
-                          "::: {.content-visible when-format=\"pdf\"}\nOnly on paper.\n:::"),
-        new_markdown_cell("## Second section {#sec-one-second}\n\nAs @fig-dots shows, and as @sec-one-first said. "
-                          "The next chapter is @sec-two; its first section is [here](02_two.ipynb#sec-two-a)."),
-    ])
-    two = new_notebook(cells=[
-        new_markdown_cell("# Chapter two {#sec-two}\n\n> The lead of chapter two."),
-        new_markdown_cell("## A section {#sec-two-a}\n\nBack to @sec-one-second and @fig-dots, and [the preface](index.ipynb)."),
-        new_code_cell("show_markdown()", outputs=[new_output("display_data", data={"text/markdown": "**markdown output**",
-                                                                                    "text/plain": "<md>"})]),
-    ])
+    index = new_notebook(
+        cells=[
+            new_markdown_cell("# Preface {#sec-preface}\n\n> What this test book is for."),
+            new_markdown_cell(
+                "Read @sec-one-second first, then [the second chapter](02_two.ipynb) and "
+                "[its section](02_two.ipynb#sec-two-a)."
+            ),
+        ]
+    )
+    one = new_notebook(
+        cells=[
+            new_markdown_cell("# Chapter one {#sec-one}\n\n> The lead of chapter one."),
+            new_code_cell("#| default_exp one"),
+            new_markdown_cell("#| export\nThe module docstring of one."),
+            new_markdown_cell(
+                "## First section {#sec-one-first}\n\nInline math $a^2 + b^2$ and display math\n\n"
+                "$$\\sum_{i=1}^n x_i$$\n\nSee @sec-one-second below."
+            ),
+            new_markdown_cell(
+                "::: {.callout-warning}\n## Mind this\nThe warning body.\n:::\n\n"
+                "::: {.callout-tip title=\"A titled tip\"}\nThe tip body.\n:::\n\n"
+                "::: {.callout-note}\nAn untitled note.\n:::"
+            ),
+            new_code_cell(
+                "# NBVAL_IGNORE_OUTPUT\nprint('visible code')",
+                outputs=[stream("\x1b[32mvisible\x1b[0m output\n"), stream("warned\n", "stderr")],
+            ),
+            new_code_cell(
+                "#| hide\nsecret_hidden_code()", outputs=[stream("secret hidden output\n")]
+            ),
+            new_code_cell(
+                "#| include: false\nsecret_excluded_code()",
+                outputs=[stream("secret excluded output\n")],
+            ),
+            new_code_cell(
+                "#| echo: false\nechoed_code_absent()", outputs=[stream("echo false output\n")]
+            ),
+            new_code_cell(
+                "#| output: false\nshown_code_without_output()",
+                outputs=[stream("output false output\n")],
+            ),
+            new_code_cell(
+                "#| label: fig-dots\n#| fig-cap: \"Some *blue* dots.\"\nplot_dots()",
+                outputs=[
+                    new_output(
+                        "display_data",
+                        data={
+                            "image/png": base64.b64encode(png()).decode(),
+                            "text/plain": "<Figure size 640x480 with 1 Axes>",
+                        },
+                    )
+                ],
+            ),
+            new_code_cell(
+                "draw_svg()",
+                outputs=[
+                    new_output("display_data", data={"image/svg+xml": SVG, "text/plain": "<svg>"})
+                ],
+            ),
+            new_code_cell(
+                "frame",
+                outputs=[
+                    new_output(
+                        "execute_result",
+                        execution_count=1,
+                        data={"text/html": TABLE, "text/plain": "   tokens\n0  4242"},
+                    )
+                ],
+            ),
+            new_code_cell(
+                "# NBVAL_RAISES_EXCEPTION\n1/0",
+                outputs=[
+                    new_output(
+                        "error",
+                        ename="ZeroDivisionError",
+                        evalue="division by zero",
+                        traceback=[
+                            "\x1b[0;31m---------\x1b[0m",
+                            "\x1b[0;31mZeroDivisionError\x1b[0m: division by zero",
+                        ],
+                    )
+                ],
+            ),
+            new_markdown_cell(
+                "A plain fenced block:\n\n```\nno language here\n```\n\n"
+                "::: {.content-visible when-format=\"html\"}\nOnly on the web.\n:::\n\n"
+                "::: {.content-visible when-format=\"pdf\"}\nOnly on paper.\n:::"
+            ),
+            new_markdown_cell(
+                "## Second section {#sec-one-second}\n\nAs @fig-dots shows, and as @sec-one-first said. "
+                "The next chapter is @sec-two; its first section is [here](02_two.ipynb#sec-two-a)."
+            ),
+        ]
+    )
+    two = new_notebook(
+        cells=[
+            new_markdown_cell("# Chapter two {#sec-two}\n\n> The lead of chapter two."),
+            new_markdown_cell(
+                "## A section {#sec-two-a}\n\nBack to @sec-one-second and @fig-dots, and [the preface](index.ipynb)."
+            ),
+            new_code_cell(
+                "show_markdown()",
+                outputs=[
+                    new_output(
+                        "display_data",
+                        data={"text/markdown": "**markdown output**", "text/plain": "<md>"},
+                    )
+                ],
+            ),
+        ]
+    )
     for name, nb in (("index", index), ("01_one", one), ("02_two", two)):
-        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+        nb.metadata["kernelspec"] = {
+            "name": "python3",
+            "display_name": "Python 3",
+            "language": "python",
+        }
         nbformat.write(nb, root / "nbs" / f"{name}.ipynb")
     return root
 
 
 def text_of(path: Path):
-    "An HTML page's text as a reader sees it: tags removed, entities decoded, non-breaking spaces as spaces."
+    """An HTML page's text as a reader sees it: tags removed, entities decoded, non-breaking spaces
+    as spaces."""
     return html.unescape(re.sub(r"<[^>]+>", "", path.read_text())).replace("\xa0", " ")
 
 
@@ -135,7 +236,11 @@ def test_outputs_exist(built):
     book = root / "book"
     assert r.pdf == book / "testbook.pdf" and r.pdf.read_bytes().startswith(b"%PDF")
     assert r.pages >= 5  # title, contents, preface, part, two chapters
-    assert sorted(p.name for p in book.glob("*.html")) == ["01_one.html", "02_two.html", "index.html"]
+    assert sorted(p.name for p in book.glob("*.html")) == [
+        "01_one.html",
+        "02_two.html",
+        "index.html",
+    ]
     assert (book / "style.css").exists()
     assert {p.suffix for p in (book / "media" / "01_one").iterdir()} == {".png", ".svg"}
     assert not list(root.glob(".book-tmp*")), "temporary directory left behind"
@@ -160,23 +265,49 @@ def test_html_numbers_and_cross_references(built):
     hi = index.read_text()
     assert "Read Section 1.2 first" in text_of(index) and 'href="01_one.html#sec-one-second"' in hi
     assert 'href="02_two.html">the second chapter' in hi and 'href="02_two.html#sec-two-a"' in hi
-    assert "Preface" in text_of(index) and "1 Preface" not in text_of(index)  # the preface is unnumbered
+    assert "Preface" in text_of(index) and "1 Preface" not in text_of(
+        index
+    )  # the preface is unnumbered
 
 
 def test_html_cells(built):
     root, _ = built
     pages = [(root / "book" / p).read_text() for p in ("index.html", "01_one.html", "02_two.html")]
     everything = "\n".join(pages)
-    for absent in ("#|", "NBVAL", "default_exp", "secret_hidden", "secret_excluded", "echoed_code_absent",
-                   "output false output", "\x1b", "[32m", "@sec-", "@fig-", "??"):
+    for absent in (
+        "#|",
+        "NBVAL",
+        "default_exp",
+        "secret_hidden",
+        "secret_excluded",
+        "echoed_code_absent",
+        "output false output",
+        "\x1b",
+        "[32m",
+        "@sec-",
+        "@fig-",
+        "??",
+    ):
         assert absent not in everything, absent
     one = pages[1]
-    for present in ("The module docstring of one.", "visible code", "visible output", "warned", "echo false output",
-                    "shown_code_without_output", "ZeroDivisionError: division by zero", "<math", "4242", "<table"):
+    for present in (
+        "The module docstring of one.",
+        "visible code",
+        "visible output",
+        "warned",
+        "echo false output",
+        "shown_code_without_output",
+        "ZeroDivisionError: division by zero",
+        "<math",
+        "4242",
+        "<table",
+    ):
         assert present in one, present
     assert 'class="sourceCode python' in one  # highlighted
     assert "cell-output-stderr" in one and "cell-output-error" in one
-    assert re.search(r'<img src="media/01_one/[^"]+\.png"', one) and re.search(r'<img src="media/01_one/[^"]+\.svg"', one)
+    assert re.search(r'<img src="media/01_one/[^"]+\.png"', one) and re.search(
+        r'<img src="media/01_one/[^"]+\.svg"', one
+    )
     assert "<strong>markdown output</strong>" in pages[2]
     assert "no language here" in one and "Only on the web." in one and "Only on paper." not in one
 
@@ -184,9 +315,15 @@ def test_html_cells(built):
 def test_html_callouts_lead_and_page(built):
     root, _ = built
     one = (root / "book" / "01_one.html").read_text()
-    assert 'class="callout callout-warning"' in one and "Mind this" in one and "The warning body." in one
+    assert (
+        'class="callout callout-warning"' in one
+        and "Mind this" in one
+        and "The warning body." in one
+    )
     assert 'class="callout callout-tip"' in one and "A titled tip" in one
-    assert 'class="callout callout-note"' in one and re.search(r'class="callout-title">\s*Note\s*<', one)
+    assert 'class="callout callout-note"' in one and re.search(
+        r'class="callout-title">\s*Note\s*<', one
+    )
     assert 'class="lead"' in one and "The lead of chapter one." in one
     assert '<meta name="viewport"' in one and 'href="style.css"' in one
     # sidebar: the part, the current chapter highlighted with its sections; prev/next
@@ -208,18 +345,34 @@ def test_typst_source(built):
     assert '#set heading(numbering: (..) => "1.2"' in src and "#lead[" in src
     assert "#table(" in src  # the HTML table output, as a Typst table
     assert 'image("media/01_one/' in src
-    assert "#link(<sec-two>)[the second chapter]" in src and "#link(<sec-two-a>)[its section]" in src
+    assert (
+        "#link(<sec-two>)[the second chapter]" in src and "#link(<sec-two-a>)[its section]" in src
+    )
     assert "Only on paper." in src and "Only on the web." not in src and "no language here" in src
-    for absent in ("#|", "NBVAL", "secret_hidden", "echoed_code_absent", "output false output", "\x1b", "#cite"):
+    for absent in (
+        "#|",
+        "NBVAL",
+        "secret_hidden",
+        "echoed_code_absent",
+        "output false output",
+        "\x1b",
+        "#cite",
+    ):
         assert absent not in src, absent
 
 
 def test_plain_text_and_directives():
     assert rb.plain_text("\x1b[31mred\x1b[0m and\r\n 10%\r100%\n") == "red and\n100%\n"
-    assert rb.parse_directives(["label: fig-x", 'fig-cap: "A *b* c"']) == {"label": "fig-x", "fig-cap": "A *b* c"}
+    assert rb.parse_directives(["label: fig-x", 'fig-cap: "A *b* c"']) == {
+        "label": "fig-x",
+        "fig-cap": "A *b* c",
+    }
     assert rb.parse_directives(["label: fig-x", "fig-cap: The *b* c"])["fig-cap"] == "The *b* c"
     assert rb.parse_directives(["export"]) == {"export": True}
-    assert rb.parse_directives(["default_exp data", "hide"]) == {"default_exp": "data", "hide": True}
+    assert rb.parse_directives(["default_exp data", "hide"]) == {
+        "default_exp": "data",
+        "hide": True,
+    }
 
 
 def test_missing_package_message():
@@ -227,7 +380,9 @@ def test_missing_package_message():
         rb.need("no_such_module_for_the_book", "typst")
 
 
-# --- failures: a clear message naming the file, and the previous book left as it was --------------------------------
+# --- failures: a clear message naming the file, and the previous book left as it was
+# --------------------------------
+
 
 @pytest.fixture
 def project(built, tmp_path):
@@ -256,7 +411,11 @@ def test_invalid_json(project, capsys):
 
 def test_missing_chapter(project, capsys):
     cfg = project / "_quarto.yml"
-    cfg.write_text(cfg.read_text().replace("        - nbs/02_two.ipynb", "        - nbs/02_two.ipynb\n        - nbs/03_gone.ipynb"))
+    cfg.write_text(
+        cfg.read_text().replace(
+            "        - nbs/02_two.ipynb", "        - nbs/02_two.ipynb\n        - nbs/03_gone.ipynb"
+        )
+    )
     fails(project, capsys, "nbs/03_gone.ipynb", "does not exist")
 
 
@@ -284,25 +443,36 @@ def test_typst_error_names_the_cell(project, capsys):
 def test_rebuild_replaces_the_book(project):
     (project / "book" / "stale.html").write_text("from an old build")
     assert rb.main(["--project", str(project)]) == 0
-    assert not (project / "book" / "stale.html").exists() and (project / "book" / "index.html").exists()
+    assert (
+        not (project / "book" / "stale.html").exists()
+        and (project / "book" / "index.html").exists()
+    )
     assert not list(project.glob(".book-tmp*"))
 
 
-# --- the real book ----------------------------------------------------------------------------------------------------
+# --- the real book
+# ----------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.skipif(not (ROOT / "_quarto.yml").exists(), reason="no _quarto.yml")
 def test_real_book_renders(tmp_path):
-    "What `make book` runs without Quarto, on this repository's _quarto.yml, into a temporary directory."
+    """What `make book` runs without Quarto, on this repository's _quarto.yml, into a temporary
+    directory."""
     out = tmp_path / "book"
-    r = subprocess.run([sys.executable, str(SCRIPT), "--project", str(ROOT), "--out", str(out)],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, str(SCRIPT), "--project", str(ROOT), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert (out / "minillm.pdf").read_bytes().startswith(b"%PDF") and (out / "index.html").exists()
     assert not list(tmp_path.glob(".book-tmp*"))
 
 
 def test_stored_error_output_fails_unless_marked(project, capsys):
-    "A traceback in a stored output is a broken chapter, unless the cell says the error is the point."
+    """A traceback in a stored output is a broken chapter, unless the cell says the error is the
+    point."""
     p = project / "nbs" / "01_one.ipynb"
     nb = nbformat.read(p, as_version=4)
     cell = next(c for c in nb.cells if "NBVAL_RAISES_EXCEPTION" in c.source)
@@ -315,4 +485,7 @@ def test_stored_error_output_fails_unless_marked(project, capsys):
 def test_old_typst_symbol_names_renamed_outside_code():
     "pandoc writes \\odot as `dot.circle`, a name Typst 0.14+ no longer knows; code blocks are left alone."
     text = "$ gamma dot.circle x plus.circle.big y $\n```python\nc = a.dot.circle\n```\n$ times.circle $"
-    assert rb.typst_symbols(text) == "$ gamma dot.o x plus.o.big y $\n```python\nc = a.dot.circle\n```\n$ times.o $"
+    assert (
+        rb.typst_symbols(text)
+        == "$ gamma dot.o x plus.o.big y $\n```python\nc = a.dot.circle\n```\n$ times.o $"
+    )

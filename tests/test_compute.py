@@ -1,12 +1,22 @@
 """minillm.compute: the cost arithmetic, checked against the real model and optimizer."""
+
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from minillm.compute import (activation_bytes, chinchilla_tokens, cost, fit_power_law, gpu_hours, measure_peak_flops,
-                             mfu, training_flops, training_memory)
+from minillm.compute import (
+    activation_bytes,
+    chinchilla_tokens,
+    cost,
+    fit_power_law,
+    gpu_hours,
+    measure_peak_flops,
+    mfu,
+    training_flops,
+    training_memory,
+)
 from minillm.model import GPT, GPTConfig, flops_per_token, memory_bytes, n_params
 from minillm.train import TrainConfig, configure_optimizer
 
@@ -16,7 +26,10 @@ SMALL = GPTConfig(vocab_size=64, context_length=16, n_layer=2, n_head=2, n_embd=
 def test_flops_and_tokens():
     assert training_flops(175e9, 300e9) == pytest.approx(3.15e23)
     assert abs(training_flops(175e9, 300e9) / 3.14e23 - 1) < 0.005  # GPT-3's reported compute
-    assert chinchilla_tokens(70e9) == pytest.approx(1.4e12) and chinchilla_tokens(10, tokens_per_param=5) == 50
+    assert (
+        chinchilla_tokens(70e9) == pytest.approx(1.4e12)
+        and chinchilla_tokens(10, tokens_per_param=5) == 50
+    )
 
 
 def test_six_n_matches_the_count_for_a_wide_model():
@@ -24,19 +37,29 @@ def test_six_n_matches_the_count_for_a_wide_model():
     r = flops_per_token(gpt3, 2048, training=True) / training_flops(n_params(gpt3), 1)
     assert 1.0 < r < 1.04
     narrow = GPTConfig(vocab_size=1024, context_length=1024, n_layer=4, n_head=4, n_embd=64)
-    assert flops_per_token(narrow, 1024, training=True) / training_flops(n_params(narrow), 1) > 2  # attention dominates
+    assert (
+        flops_per_token(narrow, 1024, training=True) / training_flops(n_params(narrow), 1) > 2
+    )  # attention dominates
 
 
 def test_training_memory_breakdown():
     m = training_memory(1000)
-    assert (m["weights"], m["gradients"], m["optimizer"], m["master"], m["total"]) == (4000, 4000, 8000, 0, 16000)
+    assert (m["weights"], m["gradients"], m["optimizer"], m["master"], m["total"]) == (
+        4000,
+        4000,
+        8000,
+        0,
+        16000,
+    )
     b = training_memory(1000, bytes_weights=2, activations=123)
     assert (b["weights"], b["master"], b["activations"], b["total"]) == (2000, 4000, 123, 16123)
     assert training_memory(1000, bytes_weights=2, master_weights=False)["total"] == 12000
     assert training_memory(1000, optimizer="sgd")["total"] == 8000
     assert training_memory(1000, optimizer="sgd-momentum")["optimizer"] == 4000
-    with pytest.raises(ValueError, match="optimizer"): training_memory(10, optimizer="lion")
-    with pytest.raises(ValueError, match="bytes_weights"): training_memory(10, bytes_weights=3)
+    with pytest.raises(ValueError, match="optimizer"):
+        training_memory(10, optimizer="lion")
+    with pytest.raises(ValueError, match="bytes_weights"):
+        training_memory(10, bytes_weights=3)
 
 
 def test_memory_equals_a_real_adamw_state():
@@ -46,10 +69,19 @@ def test_memory_equals_a_real_adamw_state():
     x = torch.randint(0, SMALL.vocab_size, (2, SMALL.context_length))
     model(x, x)[1].backward()
     opt.step()
-    moments = sum(t.nbytes for s in opt.state_dict()["state"].values() for k, t in s.items() if k in ("exp_avg", "exp_avg_sq"))
+    moments = sum(
+        t.nbytes
+        for s in opt.state_dict()["state"].values()
+        for k, t in s.items()
+        if k in ("exp_avg", "exp_avg_sq")
+    )
     m = training_memory(n_params(SMALL))
     assert moments == m["optimizer"]
-    assert sum(p.grad.nbytes for p in model.parameters()) == m["gradients"] == sum(p.nbytes for p in model.parameters())
+    assert (
+        sum(p.grad.nbytes for p in model.parameters())
+        == m["gradients"]
+        == sum(p.nbytes for p in model.parameters())
+    )
     assert memory_bytes(SMALL)["adamw"] == m["optimizer"]
 
 
@@ -59,8 +91,11 @@ def test_activation_bytes_measured():
     x = torch.randint(0, SMALL.vocab_size, (8, SMALL.context_length))
     a4, a8 = activation_bytes(model, x[:4], x[:4]), activation_bytes(model, x, x)
     assert a4 > 0 and a8 / a4 == pytest.approx(2, rel=0.02)
-    assert a4 > 4 * 4 * SMALL.context_length * SMALL.n_embd * SMALL.n_layer  # at least one C-vector per token per layer
-    with torch.no_grad(): assert activation_bytes(model, x, x) == 0  # nothing saved without autograd
+    assert (
+        a4 > 4 * 4 * SMALL.context_length * SMALL.n_embd * SMALL.n_layer
+    )  # at least one C-vector per token per layer
+    with torch.no_grad():
+        assert activation_bytes(model, x, x) == 0  # nothing saved without autograd
 
 
 def test_hours_cost_mfu():
@@ -69,7 +104,8 @@ def test_hours_cost_mfu():
     assert cost(10, 2.5) == 25
     assert mfu(1000, 1e6, 1e10) == pytest.approx(0.1)
     for bad in (0, -0.1, 1.5):
-        with pytest.raises(ValueError, match="mfu"): gpu_hours(1, 1, bad)
+        with pytest.raises(ValueError, match="mfu"):
+            gpu_hours(1, 1, bad)
 
 
 def test_measure_peak_flops_restores_threads():
@@ -84,5 +120,7 @@ def test_fit_power_law_recovers_exponent():
     assert a == pytest.approx(7.0) and alpha == pytest.approx(0.3)
     a, alpha = fit_power_law(N, 2.0 * N**-0.1 + 1.5, c=1.5)
     assert a == pytest.approx(2.0) and alpha == pytest.approx(0.1)
-    with pytest.raises(ValueError): fit_power_law([1.0], [1.0])
-    with pytest.raises(ValueError): fit_power_law(N, 7.0 * N**-0.3, c=10)
+    with pytest.raises(ValueError):
+        fit_power_law([1.0], [1.0])
+    with pytest.raises(ValueError):
+        fit_power_law(N, 7.0 * N**-0.3, c=10)

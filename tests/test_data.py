@@ -1,26 +1,45 @@
-"""The corpus loader: the Debian source, the Gutenberg source against a local HTTP server, the cache, and errors;
+"""The corpus loader: the Debian source, the Gutenberg source against a local HTTP server, the
+cache, and errors;
 the atomic file writes every module uses."""
-import http.server, json, threading
-from pathlib import Path
+
+import http.server
+import json
+import threading
 
 import pytest
 
 from minillm import data
-from minillm.data import NOVELS, CorpusUnavailable, atomic_write, atomic_write_text, load_corpus, load_novels, strip_gutenberg, train_val_split
+from minillm.data import (
+    NOVELS,
+    CorpusUnavailable,
+    atomic_write,
+    atomic_write_text,
+    load_corpus,
+    load_novels,
+    strip_gutenberg,
+    train_val_split,
+)
 
 
 def _ebook(title: str, body: str) -> bytes:
-    t = (f"\ufeffThe Project Gutenberg eBook of {title}\r\n\r\nThis eBook is for the use of anyone...\r\n\r\n"
-         f"*** START OF THE PROJECT GUTENBERG EBOOK {title.upper()} ***\r\n\r\n{title.upper()}\r\n\r\n{body}\r\n\r\n"
-         f"*** END OF THE PROJECT GUTENBERG EBOOK {title.upper()} ***\r\n\r\nSection 1. General Terms of Use\r\n")
+    t = (
+        f"\ufeffThe Project Gutenberg eBook of {title}\r\n\r\nThis eBook is for the use of anyone...\r\n\r\n"
+        f"*** START OF THE PROJECT GUTENBERG EBOOK {title.upper()} ***\r\n\r\n{title.upper()}\r\n\r\n{body}\r\n\r\n"
+        f"*** END OF THE PROJECT GUTENBERG EBOOK {title.upper()} ***\r\n\r\nSection 1. General Terms of Use\r\n"
+    )
     return t.encode("utf-8")
 
 
 @pytest.fixture
 def gutenberg(tmp_path):
-    "A fake Project Gutenberg on 127.0.0.1 serving the six e-books; yields (base_url, requested paths)."
-    files = {f"/cache/epub/{gid}/pg{gid}.txt": _ebook(title, f"By Jane Austen\r\n\r\nChapter 1\r\n\r\nIt is a truth of {key}.")
-             for key, title, _, gid in NOVELS}
+    """A fake Project Gutenberg on 127.0.0.1 serving the six e-books; yields (base_url, requested
+    paths)."""
+    files = {
+        f"/cache/epub/{gid}/pg{gid}.txt": _ebook(
+            title, f"By Jane Austen\r\n\r\nChapter 1\r\n\r\nIt is a truth of {key}."
+        )
+        for key, title, _, gid in NOVELS
+    }
     seen = []
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -30,7 +49,9 @@ def gutenberg(tmp_path):
             self.send_response(200 if body else 404)
             self.end_headers()
             self.wfile.write(body or b"not found")
-        def log_message(self, *a): pass
+
+        def log_message(self, *a):
+            pass
 
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
@@ -52,13 +73,17 @@ def test_gutenberg_source_strips_licence_and_caches(gutenberg, cache, monkeypatc
     assert list(novels) == [k for k, *_ in NOVELS] and len(seen) == 6
     assert novels["emma"] == "EMMA\n\nBy Jane Austen\n\nChapter 1\n\nIt is a truth of emma."
     assert (cache / "austen-gutenberg.json").exists()
-    assert load_novels("gutenberg") == novels and len(seen) == 6  # second call: from the cache, no request
+    assert (
+        load_novels("gutenberg") == novels and len(seen) == 6
+    )  # second call: from the cache, no request
     assert load_corpus("gutenberg").count("\n\n\n") == 5
 
 
 def test_gutenberg_wrong_book_refused(gutenberg, cache, monkeypatch):
     url, _, files = gutenberg
-    files["/cache/epub/158/pg158.txt"] = _ebook("Persuasion", "By Jane Austen")  # Emma's id serves another book
+    files["/cache/epub/158/pg158.txt"] = _ebook(
+        "Persuasion", "By Jane Austen"
+    )  # Emma's id serves another book
     monkeypatch.setenv("MINILLM_GUTENBERG_URL", url)
     with pytest.raises(CorpusUnavailable, match="Emma"):
         load_novels("gutenberg")
@@ -71,12 +96,20 @@ def test_strip_gutenberg_needs_markers():
 
 
 def test_nothing_reachable_names_both_ways(cache, monkeypatch):
-    monkeypatch.setenv("MINILLM_GUTENBERG_URL", "http://127.0.0.1:9")  # discard port: connection refused
-    monkeypatch.setattr(data, "novels_from_debian", lambda: (_ for _ in ()).throw(CorpusUnavailable("apt-get failed")))
+    monkeypatch.setenv(
+        "MINILLM_GUTENBERG_URL", "http://127.0.0.1:9"
+    )  # discard port: connection refused
+    monkeypatch.setattr(
+        data,
+        "novels_from_debian",
+        lambda: (_ for _ in ()).throw(CorpusUnavailable("apt-get failed")),
+    )
     with pytest.raises(CorpusUnavailable) as e:
         load_novels()
     msg = str(e.value)
-    assert "MINILLM_GUTENBERG_URL" in msg and "r-cran-janeaustenr" in msg and "apt-get failed" in msg
+    assert (
+        "MINILLM_GUTENBERG_URL" in msg and "r-cran-janeaustenr" in msg and "apt-get failed" in msg
+    )
 
 
 def test_corrupt_cache_is_refetched(gutenberg, cache, monkeypatch):
@@ -96,7 +129,8 @@ def test_bad_source_and_split_arguments():
 
 
 def test_debian_source_real_corpus():
-    "The real corpus from the Debian package (cached by `make corpus`): six novels, 4,025,037 characters."
+    """The real corpus from the Debian package (cached by `make corpus`): six novels, 4,025,037
+    characters."""
     try:
         novels = load_novels("debian")
     except CorpusUnavailable as e:
@@ -110,10 +144,16 @@ def test_debian_source_real_corpus():
 
 def test_read_janeaustenr_from_unpacked_package(tmp_path, monkeypatch):
     "A .deb unpacked by hand (or its data/ directory) is accepted through MINILLM_JANEAUSTENR."
-    import shutil, subprocess
-    if shutil.which("apt-get") is None: pytest.skip("not Debian")
-    r = subprocess.run(["apt-get", "download", "r-cran-janeaustenr"], cwd=tmp_path, capture_output=True)
-    if r.returncode: pytest.skip("apt-get download not possible here")
+    import shutil
+    import subprocess
+
+    if shutil.which("apt-get") is None:
+        pytest.skip("not Debian")
+    r = subprocess.run(
+        ["apt-get", "download", "r-cran-janeaustenr"], cwd=tmp_path, capture_output=True
+    )
+    if r.returncode:
+        pytest.skip("apt-get download not possible here")
     deb = next(tmp_path.glob("*.deb"))
     subprocess.run(["dpkg-deb", "-x", deb, tmp_path / "x"], check=True)
     novels = data.novels_from_debian(tmp_path / "x")
@@ -132,17 +172,22 @@ def test_atomic_write_str_bytes_and_parts(tmp_path):
     atomic_write(p, (bytes([i]) * 2 for i in range(3)))  # an iterable of bytes, written as it comes
     assert p.read_bytes() == b"\x00\x00\x01\x01\x02\x02"
     assert atomic_write_text(p, "x") == p and p.read_text() == "x"
-    with pytest.raises(TypeError, match="needs a str"): atomic_write_text(p, b"x")
+    with pytest.raises(TypeError, match="needs a str"):
+        atomic_write_text(p, b"x")
     assert sorted(f.name for f in p.parent.iterdir()) == ["a.txt"]  # no temporary files left
 
 
 def test_atomic_write_failure_keeps_the_old_file(tmp_path):
     p = tmp_path / "a.bin"
     atomic_write(p, b"old")
+
     def parts():
         yield b"new, half"
         raise RuntimeError("interrupted")
-    with pytest.raises(RuntimeError, match="interrupted"): atomic_write(p, parts())
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        atomic_write(p, parts())
     assert p.read_bytes() == b"old" and [f.name for f in tmp_path.iterdir()] == ["a.bin"]
-    with pytest.raises(TypeError): atomic_write(p, ["not bytes"])
+    with pytest.raises(TypeError):
+        atomic_write(p, ["not bytes"])
     assert p.read_bytes() == b"old" and [f.name for f in tmp_path.iterdir()] == ["a.bin"]

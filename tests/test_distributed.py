@@ -1,13 +1,27 @@
-"""Data parallelism: 2 ranks x batch B take the same step as 1 process x batch 2B; each rank draws its own,
-reproducible batches; `train_ddp` keeps the ranks identical, writes a checkpoint and resumes from it to the bit.
+"""Data parallelism: 2 ranks x batch B take the same step as 1 process x batch 2B; each rank draws
+its own,
+reproducible batches; `train_ddp` keeps the ranks identical, writes a checkpoint and resumes from it
+to the bit.
 Two processes on 127.0.0.1 (gloo)."""
+
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from minillm.distributed import ddp_run, one_step, rank_generator, run_local, setup, shard, train_ddp, unwrap, world, wrap_ddp
+from minillm.distributed import (
+    ddp_run,
+    one_step,
+    rank_generator,
+    run_local,
+    setup,
+    shard,
+    train_ddp,
+    unwrap,
+    world,
+    wrap_ddp,
+)
 from minillm.embeddings import random_batch
 from minillm.model import GPT, GPTConfig
 from minillm.train import TrainConfig, load_checkpoint
@@ -23,23 +37,50 @@ STEP_CFG = dict(batch_size=4, context_length=16, lr=1e-3, warmup_steps=0, max_st
 def _train_worker(rank, world_size, out_dir):
     torch.manual_seed(rank)  # different initial weights: DDP must broadcast rank 0's
     model = GPT(GPTConfig(**TINY))
-    cfg = TrainConfig(batch_size=4, context_length=16, grad_accum=2, max_steps=4, warmup_steps=1, eval_interval=2,
-                      eval_batches=2)
+    cfg = TrainConfig(
+        batch_size=4,
+        context_length=16,
+        grad_accum=2,
+        max_steps=4,
+        warmup_steps=1,
+        eval_interval=2,
+        eval_batches=2,
+    )
     history = train_ddp(model, TOKENS[:4000], TOKENS[4000:], cfg, out_dir)
-    return {"weights": dict(model.state_dict()), "history": [r["val_loss"] for r in history],
-            "steps": [r["step"] for r in history], "tokens": [r["tokens"] for r in history]}
+    return {
+        "weights": dict(model.state_dict()),
+        "history": [r["val_loss"] for r in history],
+        "steps": [r["step"] for r in history],
+        "tokens": [r["tokens"] for r in history],
+    }
 
 
 RESUME_MODEL = {**TINY, "dropout": 0.1}  # dropout: the torch RNG's state must be restored too
-RESUME_CFG = dict(batch_size=4, context_length=16, grad_accum=2, max_steps=6, warmup_steps=1, eval_interval=2,
-                  eval_batches=2, checkpoint_interval=4)
+RESUME_CFG = dict(
+    batch_size=4,
+    context_length=16,
+    grad_accum=2,
+    max_steps=6,
+    warmup_steps=1,
+    eval_interval=2,
+    eval_batches=2,
+    checkpoint_interval=4,
+)
 
 
 def _worker(rank, world_size, out_dir, resume_dir):
-    "All experiments that need no restart in one pair of processes (starting processes is the slow part)."
-    return {"step": one_step(rank, world_size, TINY, STEP_CFG, X, Y), "train": _train_worker(rank, world_size, out_dir),
-            "straight": ddp_run(rank, world_size, RESUME_MODEL, RESUME_CFG, TOKENS[:4000], TOKENS[4000:]),
-            "stopped": ddp_run(rank, world_size, RESUME_MODEL, RESUME_CFG, TOKENS[:4000], TOKENS[4000:], resume_dir, 3)}
+    """All experiments that need no restart in one pair of processes (starting processes is the slow
+    part)."""
+    return {
+        "step": one_step(rank, world_size, TINY, STEP_CFG, X, Y),
+        "train": _train_worker(rank, world_size, out_dir),
+        "straight": ddp_run(
+            rank, world_size, RESUME_MODEL, RESUME_CFG, TOKENS[:4000], TOKENS[4000:]
+        ),
+        "stopped": ddp_run(
+            rank, world_size, RESUME_MODEL, RESUME_CFG, TOKENS[:4000], TOKENS[4000:], resume_dir, 3
+        ),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +94,14 @@ def test_two_ranks_equal_one_process_with_twice_the_batch(ranks):
     two = [r["step"] for r in ranks[0]]
     one = one_step(0, 1, TINY, STEP_CFG, X, Y)
     assert one["weights"].keys() == two[0]["weights"].keys()
-    diff = max((two[0]["weights"][k] - one["weights"][k]).abs().max().item() for k in one["weights"])
+    diff = max(
+        (two[0]["weights"][k] - one["weights"][k]).abs().max().item() for k in one["weights"]
+    )
     assert diff < 1e-6
-    assert any(not torch.equal(one["weights"][k], GPT(GPTConfig(**TINY)).state_dict()[k]) for k in one["weights"])
+    assert any(
+        not torch.equal(one["weights"][k], GPT(GPTConfig(**TINY)).state_dict()[k])
+        for k in one["weights"]
+    )
     for k in one["weights"]:  # the ranks agree to the bit
         assert torch.equal(two[0]["weights"][k], two[1]["weights"][k]), k
     assert two[0]["losses"] == two[1]["losses"]  # the logged loss is the mean over ranks
@@ -66,53 +112,79 @@ def test_rank_generator_differs_by_rank_and_is_reproducible():
     a = [random_batch(TOKENS, 4, 16, rank_generator(7, r))[0] for r in range(4)]
     assert all(not torch.equal(a[i], a[j]) for i in range(4) for j in range(i + 1, 4))
     assert torch.equal(a[2], random_batch(TOKENS, 4, 16, rank_generator(7, 2))[0])
-    assert not torch.equal(a[0], random_batch(TOKENS, 4, 16, rank_generator(8, 0))[0])  # the base seed matters
-    with pytest.raises(ValueError, match="rank"): rank_generator(0, -1)
+    assert not torch.equal(
+        a[0], random_batch(TOKENS, 4, 16, rank_generator(8, 0))[0]
+    )  # the base seed matters
+    with pytest.raises(ValueError, match="rank"):
+        rank_generator(0, -1)
 
 
 def test_shard():
     x = torch.arange(12).view(6, 2)
     assert torch.equal(torch.cat([shard(x, r, 3) for r in range(3)]), x)
     assert shard(x, 1, 2).tolist() == [[6, 7], [8, 9], [10, 11]]
-    with pytest.raises(ValueError, match="divisible"): shard(x, 0, 4)
+    with pytest.raises(ValueError, match="divisible"):
+        shard(x, 0, 4)
 
 
 def test_single_process_without_torchrun(monkeypatch):
-    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"): monkeypatch.delenv(k, raising=False)
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
     rank, world_size, device = setup()
     assert (rank, world_size) == (0, 1) == world()
     model = GPT(GPTConfig(**TINY))
     assert wrap_ddp(model) is model and unwrap(model) is model
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.delenv("MASTER_ADDR", raising=False)
-    with pytest.raises(RuntimeError, match="torchrun"): setup()
+    with pytest.raises(RuntimeError, match="torchrun"):
+        setup()
 
 
 def test_train_ddp_keeps_ranks_identical_and_saves(ranks):
     (r0, r1), tmp_path = [r["train"] for r in ranks[0]], ranks[1]
-    for k, v in r0["weights"].items(): assert torch.equal(v, r1["weights"][k]), k
+    for k, v in r0["weights"].items():
+        assert torch.equal(v, r1["weights"][k]), k
     assert r0["steps"] == [2, 4] and r1["steps"] == []  # rank 0 evaluates
     assert r0["tokens"][-1] == 4 * 2 * 4 * 16 * 2  # steps x grad_accum x B x T x ranks
     model = GPT(GPTConfig(**TINY))
     state, _ = load_checkpoint(tmp_path / "ckpt", model)
     assert state["step"] == 4 and state["world_size"] == 2
-    for k, v in model.state_dict().items(): assert torch.equal(v, r0["weights"][k]), k
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, r0["weights"][k]), k
 
 
 def test_train_ddp_resumes_bit_identical(ranks):
-    "6 steps straight == 3 steps, stop (checkpoint off the interval), resume in new processes: the same bits."
+    """6 steps straight == 3 steps, stop (checkpoint off the interval), resume in new processes: the
+    same bits."""
     straight, stopped = [r["straight"] for r in ranks[0]], [r["stopped"] for r in ranks[0]]
     resume_dir = ranks[2]
     state = json.loads((resume_dir / "ckpt" / "state.json").read_text())
     assert state["step"] == 3 and state["world_size"] == 2
     assert [r["step"] for r in stopped[0]["history"]] == [2] and stopped[1]["history"] == []
-    assert any(not torch.equal(straight[0]["weights"][k], stopped[0]["weights"][k]) for k in straight[0]["weights"])
-    resumed = run_local(ddp_run, 2, RESUME_MODEL, RESUME_CFG, TOKENS[:4000], TOKENS[4000:], str(resume_dir))
+    assert any(
+        not torch.equal(straight[0]["weights"][k], stopped[0]["weights"][k])
+        for k in straight[0]["weights"]
+    )
+    resumed = run_local(
+        ddp_run, 2, RESUME_MODEL, RESUME_CFG, TOKENS[:4000], TOKENS[4000:], str(resume_dir)
+    )
     for r in range(2):
-        for k, v in straight[r]["weights"].items(): assert torch.equal(v, resumed[r]["weights"][k]), (r, k)
+        for k, v in straight[r]["weights"].items():
+            assert torch.equal(v, resumed[r]["weights"][k]), (r, k)
     strip = lambda h: [{k: v for k, v in rec.items() if k != "seconds"} for rec in h]
-    assert strip(resumed[0]["history"]) == strip(straight[0]["history"]) and resumed[1]["history"] == []
+    assert (
+        strip(resumed[0]["history"]) == strip(straight[0]["history"])
+        and resumed[1]["history"] == []
+    )
     assert [r["step"] for r in resumed[0]["history"]] == [2, 4, 6]
     assert json.loads((resume_dir / "ckpt" / "state.json").read_text())["step"] == 6
-    with pytest.raises(ValueError, match="written by 2 rank"):  # one process cannot take over two ranks' samplers
-        train_ddp(GPT(GPTConfig(**RESUME_MODEL)), TOKENS[:4000], TOKENS[4000:], TrainConfig(**RESUME_CFG), resume_dir)
+    with pytest.raises(
+        ValueError, match="written by 2 rank"
+    ):  # one process cannot take over two ranks' samplers
+        train_ddp(
+            GPT(GPTConfig(**RESUME_MODEL)),
+            TOKENS[:4000],
+            TOKENS[4000:],
+            TrainConfig(**RESUME_CFG),
+            resume_dir,
+        )

@@ -1,15 +1,24 @@
 """Windows, loaders and position encodings: shapes, shifts, determinism, errors, and RoPE against Hugging Face Llama."""
+
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from minillm.embeddings import (TokenDataset, apply_rope, make_loader, random_batch, rope_cos_sin, rotate_half,
-                                sinusoidal_positions)
+from minillm.embeddings import (
+    TokenDataset,
+    apply_rope,
+    make_loader,
+    random_batch,
+    rope_cos_sin,
+    rotate_half,
+    sinusoidal_positions,
+)
 
+# --- windows
+# -------------------------------------------------------------------------------------------------------
 
-# --- windows -------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", ["numpy", "memmap", "torch"])
 def test_windows_shift_and_stride(kind, tmp_path):
@@ -25,7 +34,9 @@ def test_windows_shift_and_stride(kind, tmp_path):
         assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape == (4,)
         assert x.tolist() == list(range(100 + 3 * i, 104 + 3 * i))
         assert y.tolist() == list(range(101 + 3 * i, 105 + 3 * i))  # the next token of each input
-    assert ds[-1][1][-1].item() == 119  # last window: 115..118 -> 116..119 (120 would need a 7th window)
+    assert (
+        ds[-1][1][-1].item() == 119
+    )  # last window: 115..118 -> 116..119 (120 would need a 7th window)
     with pytest.raises(IndexError, match="6 windows"):
         ds[6]
 
@@ -36,38 +47,57 @@ def test_default_stride_is_context_length_and_windows_cover_the_tokens():
     assert ds.stride == 8 and len(ds) == 4  # 4 windows of 8 inputs use 32 + 1 tokens
     xs = torch.cat([ds[i][0] for i in range(len(ds))])
     assert xs.tolist() == list(range(32))  # non-overlapping: each token an input exactly once
-    assert len(TokenDataset(np.arange(9), 8)) == 1 and len(TokenDataset(np.arange(9), 8, stride=1)) == 1
+    assert (
+        len(TokenDataset(np.arange(9), 8)) == 1
+        and len(TokenDataset(np.arange(9), 8, stride=1)) == 1
+    )
     assert len(TokenDataset(np.arange(12), 8, stride=1)) == 4
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(context_length=0), "context_length=0"),
-    (dict(context_length=-3), "context_length=-3"),
-    (dict(context_length=2.0), "context_length=2.0"),
-    (dict(context_length=4, stride=0), "stride=0"),
-    (dict(context_length=4, stride=-1), "stride=-1"),
-    (dict(context_length=10), r"10 tokens are too few for context_length=10.*11"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(context_length=0), "context_length=0"),
+        (dict(context_length=-3), "context_length=-3"),
+        (dict(context_length=2.0), "context_length=2.0"),
+        (dict(context_length=4, stride=0), "stride=0"),
+        (dict(context_length=4, stride=-1), "stride=-1"),
+        (dict(context_length=10), r"10 tokens are too few for context_length=10.*11"),
+    ],
+)
 def test_bad_arguments_name_the_value(kw, match):
     with pytest.raises(ValueError, match=match):
         TokenDataset(np.arange(10), **kw)
 
 
-@pytest.mark.parametrize("tokens", [np.zeros((3, 4), dtype=np.int64), np.linspace(0, 1, 20), [1, 2, 3] * 10,
-                                    torch.rand(20), torch.zeros(20, dtype=torch.bool)])
+@pytest.mark.parametrize(
+    "tokens",
+    [
+        np.zeros((3, 4), dtype=np.int64),
+        np.linspace(0, 1, 20),
+        [1, 2, 3] * 10,
+        torch.rand(20),
+        torch.zeros(20, dtype=torch.bool),
+    ],
+)
 def test_tokens_must_be_a_1d_integer_array(tokens):
     with pytest.raises(TypeError, match="1-D integer"):
         TokenDataset(tokens, 4)
 
 
-# --- loaders -------------------------------------------------------------------------------------------------------
+# --- loaders
+# -------------------------------------------------------------------------------------------------------
 
-def _batches(loader): return [(x.clone(), y.clone()) for x, y in loader]
+
+def _batches(loader):
+    return [(x.clone(), y.clone()) for x, y in loader]
 
 
 def test_loader_shapes_and_drop_last():
     tokens = np.arange(1000, dtype=np.uint16)
-    ld = make_loader(tokens, batch_size=8, context_length=16)  # (1000 - 17) // 16 + 1 = 62 windows -> 7 full batches
+    ld = make_loader(
+        tokens, batch_size=8, context_length=16
+    )  # (1000 - 17) // 16 + 1 = 62 windows -> 7 full batches
     bs = _batches(ld)
     assert len(bs) == len(ld) == 7 and all(x.shape == y.shape == (8, 16) for x, y in bs)
     assert all(torch.equal(x[:, 1:], y[:, :-1]) for x, y in bs)
@@ -101,7 +131,9 @@ def test_random_batch():
     assert x.shape == y.shape == (64, 8) and x.dtype == y.dtype == torch.int64
     assert x.is_contiguous() and y.is_contiguous()  # so that y.view(-1) works in a loss
     assert torch.equal(y, x + 1) and torch.equal(x - x[:, :1], torch.arange(8).expand(64, 8))
-    assert x.min() >= 0 and y.max() <= 49 and len(set(x[:, 0].tolist())) > 20  # every offset possible, up to the last
+    assert (
+        x.min() >= 0 and y.max() <= 49 and len(set(x[:, 0].tolist())) > 20
+    )  # every offset possible, up to the last
     x2, y2 = random_batch(tokens, 64, 8, torch.Generator().manual_seed(0))
     assert torch.equal(x, x2) and torch.equal(y, y2)
     xs, _ = random_batch(np.arange(9), 200, 8, torch.Generator().manual_seed(0))
@@ -112,7 +144,9 @@ def test_random_batch():
         random_batch(tokens, 2, 4, 0)
 
 
-# --- sinusoidal ----------------------------------------------------------------------------------------------------
+# --- sinusoidal
+# ----------------------------------------------------------------------------------------------------
+
 
 def test_sinusoidal_matches_the_formula():
     T, C = 50, 16
@@ -130,14 +164,25 @@ def test_sinusoidal_matches_the_formula():
         sinusoidal_positions(0, 8)
 
 
-# --- RoPE ----------------------------------------------------------------------------------------------------------
+# --- RoPE
+# ----------------------------------------------------------------------------------------------------------
+
 
 def _llama(head_dim, theta, T):
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-    cfg = LlamaConfig(vocab_size=16, hidden_size=4 * head_dim, num_attention_heads=4, num_key_value_heads=4,
-                      head_dim=head_dim, intermediate_size=8, num_hidden_layers=1, max_position_embeddings=T,
-                      rope_parameters={"rope_type": "default", "rope_theta": theta})
+
+    cfg = LlamaConfig(
+        vocab_size=16,
+        hidden_size=4 * head_dim,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=head_dim,
+        intermediate_size=8,
+        num_hidden_layers=1,
+        max_position_embeddings=T,
+        rope_parameters={"rope_type": "default", "rope_theta": theta},
+    )
     return LlamaRotaryEmbedding(cfg)
 
 
@@ -146,14 +191,22 @@ def test_rope_tables_and_rotation_match_hf_llama(head_dim, theta):
     pytest.importorskip("transformers")
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
     from transformers.models.llama.modeling_llama import rotate_half as hf_rotate_half
+
     T, B, nh = 37, 2, 3
     hf_cos, hf_sin = _llama(head_dim, theta, T)(torch.zeros(1), torch.arange(T)[None])  # (1, T, hs)
     cos, sin = rope_cos_sin(T, head_dim, theta)
     assert cos.shape == sin.shape == (T, head_dim) and cos.dtype == torch.float32
-    assert torch.equal(cos, hf_cos[0]) and torch.equal(sin, hf_sin[0])  # the same float32 arithmetic: bit for bit
+    assert torch.equal(cos, hf_cos[0]) and torch.equal(
+        sin, hf_sin[0]
+    )  # the same float32 arithmetic: bit for bit
     g = torch.Generator().manual_seed(0)
-    q, k = torch.randn(B, nh, T, head_dim, generator=g), torch.randn(B, nh, T, head_dim, generator=g)
-    hq, hk = apply_rotary_pos_emb(q, k, hf_cos, hf_sin)  # HF: cos (B, T, hs), unsqueezed to (B, 1, T, hs)
+    q, k = (
+        torch.randn(B, nh, T, head_dim, generator=g),
+        torch.randn(B, nh, T, head_dim, generator=g),
+    )
+    hq, hk = apply_rotary_pos_emb(
+        q, k, hf_cos, hf_sin
+    )  # HF: cos (B, T, hs), unsqueezed to (B, 1, T, hs)
     assert torch.equal(apply_rope(q, cos, sin), hq) and torch.equal(apply_rope(k, cos, sin), hk)
     assert torch.equal(rotate_half(q), hf_rotate_half(q))
 
@@ -161,7 +214,9 @@ def test_rope_tables_and_rotation_match_hf_llama(head_dim, theta):
 def test_rope_dtype_and_device_arguments():
     cos, sin = rope_cos_sin(5, 4, dtype=torch.bfloat16, device="cpu")
     assert cos.dtype == sin.dtype == torch.bfloat16 and cos.device.type == "cpu"
-    assert torch.equal(cos[0], torch.ones(4, dtype=torch.bfloat16)) and torch.equal(sin[0], torch.zeros(4, dtype=torch.bfloat16))
+    assert torch.equal(cos[0], torch.ones(4, dtype=torch.bfloat16)) and torch.equal(
+        sin[0], torch.zeros(4, dtype=torch.bfloat16)
+    )
 
 
 def test_rope_preserves_norms_and_is_identity_at_position_zero():
@@ -188,10 +243,18 @@ def test_rope_scores_depend_only_on_the_offset():
     for off in (-20, -3, 0, 1, 5, 30):
         diag = torch.diagonal(scores, offset=-off)  # entries with m - n = off
         torch.testing.assert_close(diag, diag[:1].expand_as(diag), rtol=0, atol=1e-4)
-    assert not torch.allclose(torch.diagonal(scores, 0)[:1], torch.diagonal(scores, -5)[:1], atol=1e-2)
+    assert not torch.allclose(
+        torch.diagonal(scores, 0)[:1], torch.diagonal(scores, -5)[:1], atol=1e-2
+    )
     # and the same for a batch of random vectors: shifting both positions by s changes nothing
     q, k = torch.randn(3, 5, 1, hs, generator=g), torch.randn(3, 5, 1, hs, generator=g)
-    def score(m, n): return (apply_rope(q, cos[m : m + 1], sin[m : m + 1]) * apply_rope(k, cos[n : n + 1], sin[n : n + 1])).sum(-1)
+
+    def score(m, n):
+        return (
+            apply_rope(q, cos[m : m + 1], sin[m : m + 1])
+            * apply_rope(k, cos[n : n + 1], sin[n : n + 1])
+        ).sum(-1)
+
     for m, n, s in [(3, 1, 10), (0, 7, 25), (12, 12, 3)]:
         torch.testing.assert_close(score(m, n), score(m + s, n + s), rtol=0, atol=1e-4)
 

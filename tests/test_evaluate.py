@@ -1,13 +1,26 @@
-"""Evaluation (minillm.evaluate) on a tiny random model: choice scores are exact log-probability sums, however the
-context is cropped or the choices batched; accuracies of an oracle and an anti-oracle; greedy chat answers stop at
+"""Evaluation (minillm.evaluate) on a tiny random model: choice scores are exact log-probability
+sums, however the
+context is cropped or the choices batched; accuracies of an oracle and an anti-oracle; greedy chat
+answers stop at
 <|end|>; the table's layout; bad input is refused with the value named."""
-import math, random
+
+import math
+import random
 
 import pytest
 import torch
 
-from minillm.evaluate import (COLUMNS, answer, completion_sampler, confidence_interval, format_table,
-                              multiple_choice_accuracy, score_choices, standard_error, task_accuracy)
+from minillm.evaluate import (
+    COLUMNS,
+    answer,
+    completion_sampler,
+    confidence_interval,
+    format_table,
+    multiple_choice_accuracy,
+    score_choices,
+    standard_error,
+    task_accuracy,
+)
 from minillm.model import GPT, GPTConfig
 from minillm.tokenizer import BPETokenizer
 
@@ -22,7 +35,11 @@ def tok():
 
 def tiny(tok, context_length: int = 32, seed: int = 0) -> GPT:
     torch.manual_seed(seed)
-    return GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=16, context_length=context_length)).eval()
+    return GPT(
+        GPTConfig(
+            vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=16, context_length=context_length
+        )
+    ).eval()
 
 
 @pytest.fixture(scope="module")
@@ -31,29 +48,39 @@ def model(tok):
 
 
 def manual_logprob(model, context_ids: list[int], choice_ids: list[int]) -> float:
-    "log p(choice | context), one token at a time, each from a fresh forward pass on everything before it."
+    """log p(choice | context), one token at a time, each from a fresh forward pass on everything
+    before it."""
     total, seq = 0.0, list(context_ids)
     for t in choice_ids:
         with torch.no_grad():
-            logits, _ = model(torch.tensor([seq[-model.config.context_length:]]))
+            logits, _ = model(torch.tensor([seq[-model.config.context_length :]]))
         total += torch.log_softmax(logits[0, -1], dim=-1)[t].item()
         seq.append(t)
     return total
 
 
 def test_score_choices_is_the_sum_of_token_logprobs(model, tok):
-    context, choices = "It is a truth universally", [" acknowledged", " denied", " a single man in possession"]
+    context, choices = (
+        "It is a truth universally",
+        [" acknowledged", " denied", " a single man in possession"],
+    )
     scores = score_choices(model, tok, context, choices)
     for c, s in zip(choices, scores):
         ids = tok.encode(c)
         assert s["n_tokens"] == len(ids)
-        assert s["logprob"] == pytest.approx(manual_logprob(model, tok.encode(context), ids), abs=1e-4)
+        assert s["logprob"] == pytest.approx(
+            manual_logprob(model, tok.encode(context), ids), abs=1e-4
+        )
         assert s["per_char"] == pytest.approx(s["logprob"] / len(c))
     # batching pads shorter rows at the end: each choice scores the same alone
     for c, s in zip(choices, scores):
-        assert score_choices(model, tok, context, [c])[0]["logprob"] == pytest.approx(s["logprob"], abs=1e-5)
+        assert score_choices(model, tok, context, [c])[0]["logprob"] == pytest.approx(
+            s["logprob"], abs=1e-5
+        )
     # token ids work as a context too
-    assert score_choices(model, tok, tok.encode(context), choices)[2]["logprob"] == pytest.approx(scores[2]["logprob"], abs=1e-6)
+    assert score_choices(model, tok, tok.encode(context), choices)[2]["logprob"] == pytest.approx(
+        scores[2]["logprob"], abs=1e-6
+    )
 
 
 def test_long_context_keeps_its_end(model, tok):
@@ -61,14 +88,19 @@ def test_long_context_keeps_its_end(model, tok):
     ctx_ids, choice = tok.encode(context), " a wife"
     n = len(tok.encode(choice))
     got = score_choices(model, tok, context, [choice])[0]["logprob"]
-    assert got == pytest.approx(manual_logprob(model, ctx_ids[-(33 - n):], tok.encode(choice)), abs=1e-4)
-    assert got == pytest.approx(score_choices(model, tok, ctx_ids[-(33 - n):], [choice])[0]["logprob"], abs=1e-6)
+    assert got == pytest.approx(
+        manual_logprob(model, ctx_ids[-(33 - n) :], tok.encode(choice)), abs=1e-4
+    )
+    assert got == pytest.approx(
+        score_choices(model, tok, ctx_ids[-(33 - n) :], [choice])[0]["logprob"], abs=1e-6
+    )
 
 
 def test_empty_context_is_endoftext(model, tok):
     eot = tok.special_tokens["<|endoftext|>"]
     assert score_choices(model, tok, "", [" wife"])[0]["logprob"] == pytest.approx(
-        manual_logprob(model, [eot], tok.encode(" wife")), abs=1e-4)
+        manual_logprob(model, [eot], tok.encode(" wife")), abs=1e-4
+    )
 
 
 def test_accuracy_of_an_oracle_and_an_anti_oracle(model, tok):
@@ -77,22 +109,37 @@ def test_accuracy_of_an_oracle_and_an_anti_oracle(model, tok):
     items = []
     for _ in range(12):
         i = rng.randrange(len(words) - 8)
-        items.append(dict(context=" ".join(words[i : i + 5]), choices=[" " + w for w in rng.sample(words, 4)]))
-    def labelled(pick):  # label each item with the choice that `pick` selects from the model's own scores
+        items.append(
+            dict(
+                context=" ".join(words[i : i + 5]), choices=[" " + w for w in rng.sample(words, 4)]
+            )
+        )
+
+    def labelled(
+        pick,
+    ):  # label each item with the choice that `pick` selects from the model's own scores
         out = []
         for it in items:
             s = score_choices(model, tok, it["context"], it["choices"])
             out.append({**it, "label": pick(range(4), key=lambda i: s[i]["logprob"])})
         return out
+
     best = multiple_choice_accuracy(model, tok, labelled(max))
     assert best["acc"] == 1.0 and best["n"] == 12 and best["chance"] == 0.25
     assert multiple_choice_accuracy(model, tok, labelled(min))["acc"] == 0.0
-    assert set(multiple_choice_accuracy(model, tok, labelled(max), pmi=False)) == {"acc", "acc_norm", "n", "chance"}
+    assert set(multiple_choice_accuracy(model, tok, labelled(max), pmi=False)) == {
+        "acc",
+        "acc_norm",
+        "n",
+        "chance",
+    }
 
 
 def test_questions_are_asked_in_arc_format(model, tok):
     item = dict(question="Whom does Emma marry?", choices=["Mr. Knightley", "Mr. Elton"], label=0)
-    s = score_choices(model, tok, "Question: Whom does Emma marry?\nAnswer:", [" Mr. Knightley", " Mr. Elton"])
+    s = score_choices(
+        model, tok, "Question: Whom does Emma marry?\nAnswer:", [" Mr. Knightley", " Mr. Elton"]
+    )
     r = multiple_choice_accuracy(model, tok, [item])
     assert r["acc"] == float(s[0]["logprob"] >= s[1]["logprob"]) and r["chance"] == 0.5
 
@@ -101,19 +148,28 @@ def test_standard_error_and_wilson_interval():
     assert standard_error(0.3, 200) == pytest.approx(math.sqrt(0.21 / 200))
     lo, hi = confidence_interval(0.3, 200)
     assert lo < 0.3 < hi and hi - lo == pytest.approx(2 * 1.96 * standard_error(0.3, 200), rel=0.02)
-    assert confidence_interval(0.0, 12)[0] == pytest.approx(0.0, abs=1e-12) and 0.2 < confidence_interval(0.0, 12)[1] < 0.3
+    assert (
+        confidence_interval(0.0, 12)[0] == pytest.approx(0.0, abs=1e-12)
+        and 0.2 < confidence_interval(0.0, 12)[1] < 0.3
+    )
     assert confidence_interval(1.0, 5)[1] == pytest.approx(1.0)
-    with pytest.raises(ValueError, match="p=1.5"): standard_error(1.5, 10)
-    with pytest.raises(ValueError, match="n=0"): confidence_interval(0.5, 0)
+    with pytest.raises(ValueError, match="p=1.5"):
+        standard_error(1.5, 10)
+    with pytest.raises(ValueError, match="n=0"):
+        confidence_interval(0.5, 0)
 
 
 def _always(model, tok, token: int) -> GPT:
-    "A copy of `model` whose every next token is `token`: the final norm outputs a constant that only `token` matches."
+    """A copy of `model` whose every next token is `token`: the final norm outputs a constant that
+    only `token` matches."""
     m = tiny(tok)
     m.lm_head = torch.nn.Linear(16, tok.vocab_size, bias=False)
     with torch.no_grad():
-        m.ln_f.weight.zero_(); m.ln_f.bias.zero_(); m.ln_f.bias[0] = 10.0
-        m.lm_head.weight.zero_(); m.lm_head.weight[token, 0] = 1.0
+        m.ln_f.weight.zero_()
+        m.ln_f.bias.zero_()
+        m.ln_f.bias[0] = 10.0
+        m.lm_head.weight.zero_()
+        m.lm_head.weight[token, 0] = 1.0
     return m.eval()
 
 
@@ -121,10 +177,20 @@ def test_answer_stops_at_end_and_is_greedy(model, tok):
     end = tok.special_tokens["<|end|>"]
     assert answer(_always(model, tok, end), tok, "Whom does Emma marry?") == ""
     a = tok.encode(" a")[0]
-    assert answer(_always(model, tok, a), tok, "Whom does Emma marry?", max_new_tokens=5) == tok.decode([a] * 5)
-    assert answer(model, tok, "Whom does Emma marry?") == answer(model, tok, "Whom does Emma marry?")  # greedy
-    assert isinstance(answer(model, tok, TEXT * 5, max_new_tokens=8), str)  # a prompt longer than the context
-    r = task_accuracy(_always(model, tok, end), tok, [dict(prompt="Hi", response=""), dict(prompt="Who?", response="Emma")])
+    assert answer(
+        _always(model, tok, a), tok, "Whom does Emma marry?", max_new_tokens=5
+    ) == tok.decode([a] * 5)
+    assert answer(model, tok, "Whom does Emma marry?") == answer(
+        model, tok, "Whom does Emma marry?"
+    )  # greedy
+    assert isinstance(
+        answer(model, tok, TEXT * 5, max_new_tokens=8), str
+    )  # a prompt longer than the context
+    r = task_accuracy(
+        _always(model, tok, end),
+        tok,
+        [dict(prompt="Hi", response=""), dict(prompt="Who?", response="Emma")],
+    )
     assert r["acc"] == 0.5 and r["answers"] == ["", ""] and r["n"] == 2
 
 
@@ -132,37 +198,74 @@ def test_completion_sampler_is_seeded(model, tok):
     fn = completion_sampler(model, tok, max_new_tokens=8)
     out = fn("def f(x):\n", 3)
     assert len(out) == 3 and all(isinstance(o, str) for o in out) and fn("def f(x):\n", 3) == out
-    with pytest.raises(ValueError, match="max_new_tokens=32"): completion_sampler(model, tok, max_new_tokens=32)
+    with pytest.raises(ValueError, match="max_new_tokens=32"):
+        completion_sampler(model, tok, max_new_tokens=32)
 
 
 def test_format_table():
-    rows = [dict(benchmark="continuations", metric="acc_norm", value=0.305, stderr=0.0326, chance=0.25, n=200),
-            dict(benchmark="validation text", metric="perplexity", value=42.9626, stderr=None, chance=1024, n=147819),
-            dict(benchmark="code", metric="pass@1", value=0.0)]
+    rows = [
+        dict(
+            benchmark="continuations",
+            metric="acc_norm",
+            value=0.305,
+            stderr=0.0326,
+            chance=0.25,
+            n=200,
+        ),
+        dict(
+            benchmark="validation text",
+            metric="perplexity",
+            value=42.9626,
+            stderr=None,
+            chance=1024,
+            n=147819,
+        ),
+        dict(benchmark="code", metric="pass@1", value=0.0),
+    ]
     lines = format_table(rows).splitlines()
     assert lines[0].split() == list(COLUMNS) and set(lines[1]) == {"-", " "}
     assert lines[2].split() == ["continuations", "acc_norm", "0.305", "0.033", "0.250", "200"]
     assert lines[3].split() == ["validation", "text", "perplexity", "42.963", "-", "1024", "147819"]
     assert lines[4].split() == ["code", "pass@1", "0.000", "-", "-", "-"]
-    assert lines[0].index("value") + 5 == lines[2].index("0.305") + 5 == lines[3].index("42.963") + 6  # right-aligned
+    assert (
+        lines[0].index("value") + 5 == lines[2].index("0.305") + 5 == lines[3].index("42.963") + 6
+    )  # right-aligned
 
 
 def test_bad_input_names_the_value(model, tok):
-    with pytest.raises(ValueError, match=r"choices=\[\]"): score_choices(model, tok, "It is", [])
-    with pytest.raises(ValueError, match="choices='abc'"): score_choices(model, tok, "It is", "abc")
-    with pytest.raises(ValueError, match=r"choices\[1\]=''"): score_choices(model, tok, "It is", [" a", ""])
-    with pytest.raises(ValueError, match=r"choices\[0\] is \d+ tokens"): score_choices(model, tok, "It is", [TEXT * 3])
-    with pytest.raises(ValueError, match="items is empty"): multiple_choice_accuracy(model, tok, [])
+    with pytest.raises(ValueError, match=r"choices=\[\]"):
+        score_choices(model, tok, "It is", [])
+    with pytest.raises(ValueError, match="choices='abc'"):
+        score_choices(model, tok, "It is", "abc")
+    with pytest.raises(ValueError, match=r"choices\[1\]=''"):
+        score_choices(model, tok, "It is", [" a", ""])
+    with pytest.raises(ValueError, match=r"choices\[0\] is \d+ tokens"):
+        score_choices(model, tok, "It is", [TEXT * 3])
+    with pytest.raises(ValueError, match="items is empty"):
+        multiple_choice_accuracy(model, tok, [])
     with pytest.raises(ValueError, match=r"items\[1\]: label=4"):
-        multiple_choice_accuracy(model, tok, [dict(context="a", choices=[" b", " c"], label=0),
-                                              dict(context="a", choices=[" b", " c"], label=4)])
+        multiple_choice_accuracy(
+            model,
+            tok,
+            [
+                dict(context="a", choices=[" b", " c"], label=0),
+                dict(context="a", choices=[" b", " c"], label=4),
+            ],
+        )
     with pytest.raises(ValueError, match="neither 'context' nor 'question'"):
         multiple_choice_accuracy(model, tok, [dict(prompt="a", choices=[" b"], label=0)])
-    with pytest.raises(ValueError, match="max_new_tokens=0"): answer(model, tok, "Hi", max_new_tokens=0)
-    with pytest.raises(ValueError, match="records is empty"): task_accuracy(model, tok, [])
-    with pytest.raises(ValueError, match=r"records\[0\]"): task_accuracy(model, tok, [dict(prompt="Hi")])
-    with pytest.raises(ValueError, match="rows is empty"): format_table([])
-    with pytest.raises(ValueError, match=r"rows\[1\]"): format_table([dict(benchmark="a", metric="b", value=1.0), dict(value=1.0)])
+    with pytest.raises(ValueError, match="max_new_tokens=0"):
+        answer(model, tok, "Hi", max_new_tokens=0)
+    with pytest.raises(ValueError, match="records is empty"):
+        task_accuracy(model, tok, [])
+    with pytest.raises(ValueError, match=r"records\[0\]"):
+        task_accuracy(model, tok, [dict(prompt="Hi")])
+    with pytest.raises(ValueError, match="rows is empty"):
+        format_table([])
+    with pytest.raises(ValueError, match=r"rows\[1\]"):
+        format_table([dict(benchmark="a", metric="b", value=1.0), dict(value=1.0)])
     no_chat = BPETokenizer().train(TEXT * 5, vocab_size=280, special_tokens=())
-    with pytest.raises(ValueError, match=r"no chat token\(s\) <\|user\|>"): answer(tiny(no_chat), no_chat, "Hi")
-    with pytest.raises(ValueError, match="no <\\|endoftext\\|>"): score_choices(tiny(no_chat), no_chat, "", [" a"])
+    with pytest.raises(ValueError, match=r"no chat token\(s\) <\|user\|>"):
+        answer(tiny(no_chat), no_chat, "Hi")
+    with pytest.raises(ValueError, match="no <\\|endoftext\\|>"):
+        score_choices(tiny(no_chat), no_chat, "", [" a"])

@@ -1,21 +1,35 @@
 "Fine-tuning (minillm.finetune): classification head, instruction batches with the loss mask, LoRA."
+
 import copy
 
 import pytest
 import torch
 
-from minillm.finetune import (Classifier, LoRALinear, add_lora, finetune, hidden_states, lora_layers, merge_lora,
-                              n_trainable, pad, sft_batch, unmerge_lora)
+from minillm.finetune import (
+    Classifier,
+    LoRALinear,
+    add_lora,
+    finetune,
+    hidden_states,
+    lora_layers,
+    merge_lora,
+    n_trainable,
+    pad,
+    sft_batch,
+    unmerge_lora,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
-def tok(chat_tok): return chat_tok
+def tok(chat_tok):
+    return chat_tok
 
 
 @pytest.fixture
-def model(tiny_gpt): return tiny_gpt
+def model(tiny_gpt):
+    return tiny_gpt
 
 
 def test_hidden_states_are_what_the_head_reads(model):
@@ -29,12 +43,17 @@ def test_classifier_ignores_right_padding(model):
     clf = Classifier(model, 6).eval()
     a, b = [5, 6, 7, 8], [9, 10]
     batched = clf(pad([a, b], 0), torch.tensor([4, 2]))
-    alone = torch.cat([clf(torch.tensor([a]), torch.tensor([4])), clf(torch.tensor([b]), torch.tensor([2]))])
+    alone = torch.cat(
+        [clf(torch.tensor([a]), torch.tensor([4])), clf(torch.tensor([b]), torch.tensor([2]))]
+    )
     torch.testing.assert_close(batched, alone)
 
 
 def test_sft_batch_masks_the_prompt(tok):
-    recs = [dict(prompt="Which novel?", response="Emma"), dict(prompt="Who said so?", response="Mr. Darcy")]
+    recs = [
+        dict(prompt="Which novel?", response="Emma"),
+        dict(prompt="Who said so?", response="Mr. Darcy"),
+    ]
     x, y = sft_batch(tok, recs, 64)
     assert x.shape == y.shape
     end = tok.special_tokens["<|end|>"]
@@ -53,7 +72,8 @@ def test_lora_starts_at_base_and_merges_exactly(model, tok):
     assert len(lora_layers(lora)) == 2 * 4
     x = torch.randint(0, 200, (2, 12))
     torch.testing.assert_close(lora(x)[0], base(x)[0])
-    for m in lora_layers(lora): torch.nn.init.normal_(m.B)  # a non-zero update
+    for m in lora_layers(lora):
+        torch.nn.init.normal_(m.B)  # a non-zero update
     lora64 = copy.deepcopy(lora).double()
     adapted = lora64(x)[0]
     assert (adapted - merge_lora(lora64)(x)[0]).abs().max() < 1e-10
@@ -66,11 +86,22 @@ def test_lora_training_moves_only_adapters_and_special_rows(model, tok):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     specials = list(tok.special_tokens.values())
     add_lora(model, r=4, train_tokens=specials)
-    finetune(model, tok, [dict(prompt="Which novel?", response="Emma")] * 4, steps=3, batch_size=2, lr=1e-2)
+    finetune(
+        model,
+        tok,
+        [dict(prompt="Which novel?", response="Emma")] * 4,
+        steps=3,
+        batch_size=2,
+        lr=1e-2,
+    )
     after = model.state_dict()
     for k, v in before.items():
-        name = k.replace("attn.c_attn.", "attn.c_attn.base.").replace("attn.c_proj.", "attn.c_proj.base.") \
-                .replace("mlp.c_fc.", "mlp.c_fc.base.").replace("mlp.c_proj.", "mlp.c_proj.base.")
+        name = (
+            k.replace("attn.c_attn.", "attn.c_attn.base.")
+            .replace("attn.c_proj.", "attn.c_proj.base.")
+            .replace("mlp.c_fc.", "mlp.c_fc.base.")
+            .replace("mlp.c_proj.", "mlp.c_proj.base.")
+        )
         if k in ("wte.weight", "lm_head.weight"):
             moved = (after[k] != v).any(1).nonzero().flatten().tolist()
             assert moved and set(moved) <= set(specials)
@@ -80,5 +111,7 @@ def test_lora_training_moves_only_adapters_and_special_rows(model, tok):
 
 
 def test_lora_bad_input(model):
-    with pytest.raises(ValueError, match="no nn.Linear"): add_lora(model, targets=("nothing",))
-    with pytest.raises(ValueError, match="r=0"): LoRALinear(torch.nn.Linear(4, 4), r=0)
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        add_lora(model, targets=("nothing",))
+    with pytest.raises(ValueError, match="r=0"):
+        LoRALinear(torch.nn.Linear(4, 4), r=0)

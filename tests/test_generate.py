@@ -1,5 +1,5 @@
 """Generation: the sampling policy, the loop with and without the KV cache, seeds, stop tokens, cropping, streaming."""
-import math
+
 
 import pytest
 import torch
@@ -16,14 +16,24 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 def _model(family="gpt2", context_length=64, seed=0, **kw):
     torch.manual_seed(seed)
-    return GPT(GPTConfig(family=family, vocab_size=V, context_length=context_length, n_layer=2, n_head=4, n_embd=32, **kw)).eval()
+    return GPT(
+        GPTConfig(
+            family=family,
+            vocab_size=V,
+            context_length=context_length,
+            n_layer=2,
+            n_head=4,
+            n_embd=32,
+            **kw,
+        )
+    ).eval()
 
 
 @torch.no_grad()
 def naive_greedy(model, idx, n):
     "nanoGPT's loop: crop to the context, run everything, take the argmax of the last position."
     for _ in range(n):
-        logits, _ = model(idx[:, -model.config.context_length:])
+        logits, _ = model(idx[:, -model.config.context_length :])
         idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     return idx
 
@@ -55,7 +65,8 @@ def test_temperature_top_k_top_p_draw_from_the_right_distribution():
     assert (_freq(temperature=2.0) - F.softmax(LOGITS[0] / 2, -1)).abs().max() < 0.01
     k3 = torch.cat([p[:3] / p[:3].sum(), torch.zeros(3)])
     assert (_freq(top_k=3) - k3).abs().max() < 0.01
-    # top_p=0.75: p = .561, .206, .125, ... -> the first two reach .767 >= .75, so two tokens are kept
+    # top_p=0.75: p = .561, .206, .125, ... -> the first two reach .767 >= .75, so two tokens are
+    # kept
     assert p[:1].sum() < 0.75 <= p[:2].sum()
     assert (_freq(top_p=0.75) - torch.cat([p[:2] / p[:2].sum(), torch.zeros(4)])).abs().max() < 0.01
     # both filters: top_k first, then top_p on what is left (renormalised)
@@ -82,7 +93,11 @@ def test_greedy_with_and_without_cache_equals_the_naive_loop(family, kw, prompt)
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_sampling_with_and_without_cache_is_identical(family, prompt):
     model = _model(family)
-    for kw in (dict(temperature=1.0), dict(temperature=0.7, top_k=10), dict(temperature=1.3, top_p=0.9)):
+    for kw in (
+        dict(temperature=1.0),
+        dict(temperature=0.7, top_k=10),
+        dict(temperature=1.3, top_p=0.9),
+    ):
         a = generate(model, prompt, 50, seed=3, **kw)
         b = generate(model, prompt, 50, seed=3, use_cache=False, **kw)
         assert torch.equal(a, b), kw
@@ -106,7 +121,9 @@ def test_a_prompt_longer_than_the_context_is_cropped_to_its_end():
     long = torch.randint(0, V, (2, 50), generator=torch.Generator().manual_seed(2))
     out = generate(model, long, 5, temperature=1.0, seed=1)
     assert out.shape == (2, 55) and torch.equal(out[:, :50], long)  # the whole prompt is returned
-    assert torch.equal(out[:, 50:], generate(model, long[:, -16:], 5, temperature=1.0, seed=1)[:, 16:])
+    assert torch.equal(
+        out[:, 50:], generate(model, long[:, -16:], 5, temperature=1.0, seed=1)[:, 16:]
+    )
 
 
 def test_seed_reproducible_and_global_rng_untouched(prompt):
@@ -132,7 +149,9 @@ def test_stop_tokens():
         i = hits[0]
         assert row[: i + 1] == ref[: i + 1]  # the same text up to the stop token
         assert all(t == row[i] for t in row[i:])  # then the stop token, repeated
-    assert any(row[-2] not in stops for row in out[:, 5:].tolist())  # it ended when the last row stopped
+    assert any(
+        row[-2] not in stops for row in out[:, 5:].tolist()
+    )  # it ended when the last row stopped
 
 
 def test_stream_yields_one_token_per_step_lazily(prompt):
@@ -144,30 +163,41 @@ def test_stream_yields_one_token_per_step_lazily(prompt):
     assert first.shape == (2,) and len(calls) == 1 and calls[0] == (2, 7)  # the prompt, once
     second = next(it)
     assert len(calls) == 2 and calls[1] == (2, 1)  # then one token per step
-    assert torch.equal(torch.stack([first, second], 1), generate(model, prompt, 2, temperature=0)[:, 7:])
+    assert torch.equal(
+        torch.stack([first, second], 1), generate(model, prompt, 2, temperature=0)[:, 7:]
+    )
 
 
 def test_prompt_forms_and_zero_tokens():
     model = _model()
     assert generate(model, [1, 2, 3], 4, temperature=0).shape == (1, 7)
-    assert torch.equal(generate(model, torch.tensor([1, 2, 3]), 4, temperature=0), generate(model, [[1, 2, 3]], 4, temperature=0))
+    assert torch.equal(
+        generate(model, torch.tensor([1, 2, 3]), 4, temperature=0),
+        generate(model, [[1, 2, 3]], 4, temperature=0),
+    )
     assert torch.equal(generate(model, [[1, 2, 3]], 0), torch.tensor([[1, 2, 3]]))
 
 
-@pytest.mark.parametrize("kw,message", [
-    (dict(temperature=-0.5), r"temperature=-0.5: must be >= 0"),
-    (dict(temperature=float("nan")), r"temperature=nan"),
-    (dict(top_k=0), r"top_k=0: must be a positive integer"),
-    (dict(top_p=0.0), r"top_p=0.0: must be in \(0, 1\]"),
-    (dict(max_new_tokens=2.5), r"max_new_tokens=2.5: must be a non-negative integer"),
-])
+@pytest.mark.parametrize(
+    "kw,message",
+    [
+        (dict(temperature=-0.5), r"temperature=-0.5: must be >= 0"),
+        (dict(temperature=float("nan")), r"temperature=nan"),
+        (dict(top_k=0), r"top_k=0: must be a positive integer"),
+        (dict(top_p=0.0), r"top_p=0.0: must be in \(0, 1\]"),
+        (dict(max_new_tokens=2.5), r"max_new_tokens=2.5: must be a non-negative integer"),
+    ],
+)
 def test_bad_arguments(kw, message):
     with pytest.raises(ValueError, match=message):
         generate(_model(), [1, 2], **({"max_new_tokens": 3} | kw))
 
 
 def test_bad_prompts():
-    with pytest.raises(ValueError, match=r"prompt: expected token ids of shape \(T,\) or \(B, T\) with T >= 1, got \(1, 0\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"prompt: expected token ids of shape \(T,\) or \(B, T\) with T >= 1, got \(1, 0\)",
+    ):
         generate(_model(), torch.zeros(1, 0, dtype=torch.long), 3)
     with pytest.raises(ValueError, match=r"got \(2,\) torch.float32"):
         generate(_model(), torch.tensor([1.0, 2.0]), 3)
@@ -175,16 +205,27 @@ def test_bad_prompts():
 
 # ---------------------------------------------------------------- text
 class Chars:
-    "A character tokenizer over a fixed alphabet (the library's CharTokenizer lives in the tokenizer chapter)."
-    def __init__(self, alphabet): self.alphabet = alphabet
-    def encode(self, s): return [self.alphabet.index(c) for c in s]
-    def decode(self, ids): return "".join(self.alphabet[i] for i in ids)
+    """A character tokenizer over a fixed alphabet (the library's CharTokenizer lives in the
+    tokenizer chapter)."""
+
+    def __init__(self, alphabet):
+        self.alphabet = alphabet
+
+    def encode(self, s):
+        return [self.alphabet.index(c) for c in s]
+
+    def decode(self, ids):
+        return "".join(self.alphabet[i] for i in ids)
 
 
 class Bytes:
     "Byte-level: every UTF-8 byte is a token, so a character can span several tokens."
-    def encode(self, s): return list(s.encode("utf-8"))
-    def decode(self, ids): return bytes(ids).decode("utf-8", errors="replace")
+
+    def encode(self, s):
+        return list(s.encode("utf-8"))
+
+    def decode(self, ids):
+        return bytes(ids).decode("utf-8", errors="replace")
 
 
 def test_stream_text_pieces_join_to_the_text_and_stop_before_the_stop_token():
@@ -194,23 +235,35 @@ def test_stream_text_pieces_join_to_the_text_and_stop_before_the_stop_token():
     pieces = list(stream_text(model, tok, "it is", 40, temperature=1.0, seed=2))
     assert len(pieces) == 40 and all(len(p) == 1 for p in pieces)
     full = generate(model, tok.encode("it is"), 40, temperature=1.0, seed=2)[0, 5:].tolist()
-    assert "".join(pieces) == tok.decode(full) == generate_text(model, tok, "it is", 40, temperature=1.0, seed=2)
+    assert (
+        "".join(pieces)
+        == tok.decode(full)
+        == generate_text(model, tok, "it is", 40, temperature=1.0, seed=2)
+    )
     stop = full[10]
     cut = generate_text(model, tok, "it is", 40, temperature=1.0, seed=2, stop_tokens=[stop])
     assert cut == tok.decode(full[: full.index(stop)])
 
 
 def test_stream_text_never_splits_a_character():
-    "A model that always continues with the bytes of 'é€' (2 + 3 bytes): pieces are whole characters."
+    """A model that always continues with the bytes of 'é€' (2 + 3 bytes): pieces are whole
+    characters."""
+
     class Script(torch.nn.Module):
         config = GPTConfig(vocab_size=256, context_length=64, n_layer=1, n_head=1, n_embd=8)
         lm_head = torch.nn.Linear(8, 256, bias=False)
         seq = list("é€".encode("utf-8")) * 10
-        def new_cache(self, *a, **k): return None
+
+        def new_cache(self, *a, **k):
+            return None
+
         def forward(self, idx, cache=None, last_only=False):
             logits = torch.full((idx.shape[0], 1, 256), -1e9)
             logits[:, 0, self.seq[idx.shape[1] - 1]] = 0.0  # the next scripted byte
             return logits, None
+
     pieces = list(stream_text(Script(), Bytes(), "a", 10, temperature=0, use_cache=False))
     assert pieces == ["é", "€", "é", "€"]
-    assert generate_text(Script(), Bytes(), "a", 9, temperature=0, use_cache=False) == "é€é\ufffd"  # 9 bytes: the last character cut in two
+    assert (
+        generate_text(Script(), Bytes(), "a", 9, temperature=0, use_cache=False) == "é€é\ufffd"
+    )  # 9 bytes: the last character cut in two

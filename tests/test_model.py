@@ -1,5 +1,9 @@
 """The model: config validation, both families, counts against the real model, KV cache, Hugging Face interop."""
-import json, math, os, warnings
+
+import json
+import math
+import os
+import warnings
 
 import pytest
 import torch
@@ -23,9 +27,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 SMALL = dict(vocab_size=V, context_length=32, n_layer=2, n_head=4, n_embd=32)
 CONFIGS = {
     "gpt2": GPTConfig(**SMALL),
-    "gpt2-nobias-untied-exact": GPTConfig(**SMALL, bias=False, tie_weights=False, gelu="none", mlp_hidden=40),
+    "gpt2-nobias-untied-exact": GPTConfig(
+        **SMALL, bias=False, tie_weights=False, gelu="none", mlp_hidden=40
+    ),
     "llama": GPTConfig(family="llama", **SMALL),
-    "llama-gqa-tied-bias": GPTConfig(family="llama", **SMALL, n_kv_head=2, tie_weights=True, bias=True),
+    "llama-gqa-tied-bias": GPTConfig(
+        family="llama", **SMALL, n_kv_head=2, tie_weights=True, bias=True
+    ),
     "llama-mqa": GPTConfig(family="llama", **SMALL, n_kv_head=1),
 }
 
@@ -36,17 +44,20 @@ def idx():
 
 
 # ---------------------------------------------------------------- config
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(family="mistral"), r"family='mistral' is unknown: expected one of 'gpt2', 'llama'"),
-    (dict(n_embd=130, n_head=4), r"n_embd=130 is not divisible by n_head=4"),
-    (dict(n_embd=96, n_head=6, n_kv_head=4), r"n_head=6 is not divisible by n_kv_head=4"),
-    (dict(n_embd=96, n_head=6, n_kv_head=0), r"n_head=6 is not divisible by n_kv_head=0"),
-    (dict(family="llama", n_embd=36, n_head=4), r"head_dim = n_embd / n_head = 9 must be even"),
-    (dict(n_layer=0), r"n_layer=0: must be a positive integer"),
-    (dict(vocab_size=10.0), r"vocab_size=10.0: must be a positive integer"),
-    (dict(gelu="erf"), r"gelu='erf'"),
-    (dict(dropout=1.0), r"dropout=1.0: must be in \[0, 1\)"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(family="mistral"), r"family='mistral' is unknown: expected one of 'gpt2', 'llama'"),
+        (dict(n_embd=130, n_head=4), r"n_embd=130 is not divisible by n_head=4"),
+        (dict(n_embd=96, n_head=6, n_kv_head=4), r"n_head=6 is not divisible by n_kv_head=4"),
+        (dict(n_embd=96, n_head=6, n_kv_head=0), r"n_head=6 is not divisible by n_kv_head=0"),
+        (dict(family="llama", n_embd=36, n_head=4), r"head_dim = n_embd / n_head = 9 must be even"),
+        (dict(n_layer=0), r"n_layer=0: must be a positive integer"),
+        (dict(vocab_size=10.0), r"vocab_size=10.0: must be a positive integer"),
+        (dict(gelu="erf"), r"gelu='erf'"),
+        (dict(dropout=1.0), r"dropout=1.0: must be in \[0, 1\)"),
+    ],
+)
 def test_config_refuses_bad_shapes_with_clear_messages(kwargs, message):
     with pytest.raises(ValueError, match=message):
         GPTConfig(**kwargs)
@@ -56,7 +67,9 @@ def test_family_defaults():
     g, l = GPTConfig(n_embd=128, n_head=4), GPTConfig(family="llama", n_embd=128, n_head=4)
     assert (g.bias, g.tie_weights, g.mlp_hidden, g.n_kv_head) == (True, True, 512, 4)
     assert (l.bias, l.tie_weights, l.mlp_hidden, l.n_kv_head) == (False, False, 384, 4)
-    assert GPTConfig(family="llama", bias=True, tie_weights=True).bias is True  # explicit values win
+    assert (
+        GPTConfig(family="llama", bias=True, tie_weights=True).bias is True
+    )  # explicit values win
 
 
 # ---------------------------------------------------------------- the model
@@ -64,7 +77,9 @@ def test_family_defaults():
 def test_forward_shapes_and_loss_at_init_is_ln_vocab(name, idx):
     torch.manual_seed(0)
     model = GPT(CONFIGS[name])
-    targets = torch.randint(0, V, idx.shape, generator=torch.Generator().manual_seed(1))  # not the inputs: a tied
+    targets = torch.randint(
+        0, V, idx.shape, generator=torch.Generator().manual_seed(1)
+    )  # not the inputs: a tied
     logits, loss = model(idx, targets)  # model starts out favouring the input token itself
     assert logits.shape == (2, 13, V) and loss.shape == ()
     assert abs(loss.item() - math.log(V)) < 0.05
@@ -76,7 +91,12 @@ def test_forward_shapes_and_loss_at_init_is_ln_vocab(name, idx):
 def test_weight_tying_and_families():
     g, l = GPT(CONFIGS["gpt2"]), GPT(CONFIGS["llama"])
     assert g.lm_head.weight is g.wte.weight and l.lm_head.weight is not l.wte.weight
-    assert g.wpe is not None and l.wpe is None and hasattr(l, "rope_cos") and "rope_cos" not in l.state_dict()
+    assert (
+        g.wpe is not None
+        and l.wpe is None
+        and hasattr(l, "rope_cos")
+        and "rope_cos" not in l.state_dict()
+    )
     assert isinstance(g.h[0].ln_1, torch.nn.LayerNorm) and isinstance(l.h[0].ln_1, torch.nn.RMSNorm)
     assert l.h[0].attn.c_attn.bias is None and g.h[0].attn.c_attn.bias is not None
 
@@ -84,14 +104,16 @@ def test_weight_tying_and_families():
 def test_targets_minus_one_are_ignored(idx):
     model = GPT(CONFIGS["gpt2"])
     logits, loss = model(idx, idx)
-    t = idx.clone(); t[:, :5] = -1
+    t = idx.clone()
+    t[:, :5] = -1
     ref = torch.nn.functional.cross_entropy(logits[:, 5:].flatten(0, 1), idx[:, 5:].flatten())
     torch.testing.assert_close(model(idx, t)[1], ref)
 
 
 def test_causal_at_the_model_level(idx):
     model = GPT(CONFIGS["llama-gqa-tied-bias"]).eval()
-    other = idx.clone(); other[:, 8:] = (other[:, 8:] + 1) % V
+    other = idx.clone()
+    other[:, 8:] = (other[:, 8:] + 1) % V
     with torch.no_grad():
         torch.testing.assert_close(model(idx)[0][:, :8], model(other)[0][:, :8], atol=1e-6, rtol=0)
 
@@ -124,7 +146,9 @@ def test_counts_match_the_real_model(name, idx):
     model = GPT(cfg)
     B, T = idx.shape
     assert n_params(cfg) == sum(p.numel() for p in model.parameters())
-    lookup = (0 if cfg.tie_weights else cfg.vocab_size * cfg.n_embd) + (cfg.context_length * cfg.n_embd if cfg.family == "gpt2" else 0)
+    lookup = (0 if cfg.tie_weights else cfg.vocab_size * cfg.n_embd) + (
+        cfg.context_length * cfg.n_embd if cfg.family == "gpt2" else 0
+    )
     assert n_params(cfg, non_embedding=True) == n_params(cfg) - lookup
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
         _, loss = model(idx, idx)
@@ -137,19 +161,41 @@ def test_counts_match_the_real_model(name, idx):
     opt.step()
     mem = memory_bytes(cfg, batch_size=3, T=20)
     nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)
-    assert mem["weights"] == mem["gradients"] == nbytes(model.parameters()) == nbytes(p.grad for p in model.parameters())
-    assert mem["adamw"] == nbytes(t for s in opt.state.values() for k, t in s.items() if k != "step")
+    assert (
+        mem["weights"]
+        == mem["gradients"]
+        == nbytes(model.parameters())
+        == nbytes(p.grad for p in model.parameters())
+    )
+    assert mem["adamw"] == nbytes(
+        t for s in opt.state.values() for k, t in s.items() if k != "step"
+    )
     assert mem["kv_cache"] == nbytes(t for c in model.new_cache(3, max_len=20) for t in (c.k, c.v))
 
 
 def test_counts_of_published_models():
     assert n_params(GPTConfig()) == 124_439_808  # GPT-2 small
     assert n_params(GPTConfig(n_layer=24, n_head=16, n_embd=1024)) == 354_823_168  # GPT-2 medium
-    llama2_7b = GPTConfig(family="llama", vocab_size=32000, context_length=4096, n_layer=32, n_head=32, n_embd=4096,
-                          mlp_hidden=11008)
+    llama2_7b = GPTConfig(
+        family="llama",
+        vocab_size=32000,
+        context_length=4096,
+        n_layer=32,
+        n_head=32,
+        n_embd=4096,
+        mlp_hidden=11008,
+    )
     assert n_params(llama2_7b) == 6_738_415_616
-    llama3_8b = GPTConfig(family="llama", vocab_size=128256, context_length=8192, n_layer=32, n_head=32, n_embd=4096,
-                          n_kv_head=8, mlp_hidden=14336)
+    llama3_8b = GPTConfig(
+        family="llama",
+        vocab_size=128256,
+        context_length=8192,
+        n_layer=32,
+        n_head=32,
+        n_embd=4096,
+        n_kv_head=8,
+        mlp_hidden=14336,
+    )
     assert n_params(llama3_8b) == 8_030_261_248
 
 
@@ -157,23 +203,66 @@ def test_counts_of_published_models():
 def _perturbed(model, seed=0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in model.parameters(): p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
     return model.eval()
 
 
 HF_MODELS = {
-    "gpt2": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=V, n_positions=32, n_embd=32, n_layer=2, n_head=4,
-                                               bos_token_id=0, eos_token_id=0)),
-    "gpt2-gelu-n_inner": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=V, n_positions=32, n_embd=32, n_layer=2, n_head=4,
-                                                            n_inner=40, activation_function="gelu", bos_token_id=0, eos_token_id=0)),
-    "llama-gqa": lambda: LlamaForCausalLM(LlamaConfig(vocab_size=V, max_position_embeddings=32, hidden_size=32,
-                                                      intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                                                      num_key_value_heads=2, rope_theta=500.0, rms_norm_eps=1e-5,
-                                                      bos_token_id=0, eos_token_id=0)),
-    "llama-tied-bias": lambda: LlamaForCausalLM(LlamaConfig(vocab_size=V, max_position_embeddings=32, hidden_size=32,
-                                                            intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                                                            tie_word_embeddings=True, attention_bias=True, mlp_bias=True,
-                                                            bos_token_id=0, eos_token_id=0)),
+    "gpt2": lambda: GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=V,
+            n_positions=32,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+    ),
+    "gpt2-gelu-n_inner": lambda: GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=V,
+            n_positions=32,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_inner=40,
+            activation_function="gelu",
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+    ),
+    "llama-gqa": lambda: LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=V,
+            max_position_embeddings=32,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rope_theta=500.0,
+            rms_norm_eps=1e-5,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+    ),
+    "llama-tied-bias": lambda: LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=V,
+            max_position_embeddings=32,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            tie_word_embeddings=True,
+            attention_bias=True,
+            mlp_bias=True,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+    ),
 }
 
 
@@ -210,7 +299,8 @@ def test_save_hf_of_our_models_loads_in_transformers(name, idx, tmp_path):
     torch.manual_seed(0)
     ours = GPT(CONFIGS[name]).eval()
     with torch.no_grad():
-        for p in ours.parameters(): p.add_(torch.randn(p.shape) * 0.05)
+        for p in ours.parameters():
+            p.add_(torch.randn(p.shape) * 0.05)
     save_hf(ours, tmp_path)
     cls = GPT2LMHeadModel if ours.config.family == "gpt2" else LlamaForCausalLM
     hf = cls.from_pretrained(tmp_path).eval()
@@ -224,18 +314,25 @@ def test_save_hf_refuses_gqa_in_gpt2_format(tmp_path):
 
 
 def test_load_hf_gpt2_saved_without_prefix_and_sharded(hf_dirs, idx, tmp_path):
-    "The original GPT-2 files name tensors without `transformer.` (saved from GPT2Model); large models come in shards."
+    """The original GPT-2 files name tensors without `transformer.` (saved from GPT2Model); large
+    models come in shards."""
     from safetensors.torch import load_file, save_file
+
     hf, d = hf_dirs["gpt2"]
     tensors = load_file(d / "model.safetensors")
     (tmp_path / "plain").mkdir()
-    save_file({k.removeprefix("transformer."): v for k, v in tensors.items()}, tmp_path / "plain" / "model.safetensors")
+    save_file(
+        {k.removeprefix("transformer."): v for k, v in tensors.items()},
+        tmp_path / "plain" / "model.safetensors",
+    )
     (tmp_path / "plain" / "config.json").write_text((d / "config.json").read_text())
     hf.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
     assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
     with torch.no_grad():
         for sub in ("plain", "sharded"):
-            torch.testing.assert_close(load_hf(tmp_path / sub).eval()(idx)[0], hf(idx).logits, atol=1e-4, rtol=0)
+            torch.testing.assert_close(
+                load_hf(tmp_path / sub).eval()(idx)[0], hf(idx).logits, atol=1e-4, rtol=0
+            )
 
 
 def test_load_hf_dtype(hf_dirs):
@@ -246,7 +343,8 @@ def test_load_hf_dtype(hf_dirs):
 @pytest.mark.parametrize("name", HF_MODELS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_load_hf_spends_no_random_init_and_keeps_ties(name, dtype, hf_dirs):
-    "Built on the meta device, the file's tensors assigned: the global RNG is untouched, tied weights are one Parameter."
+    """Built on the meta device, the file's tensors assigned: the global RNG is untouched, tied
+    weights are one Parameter."""
     state = torch.get_rng_state()
     m = load_hf(hf_dirs[name][1], dtype=dtype)
     assert torch.equal(torch.get_rng_state(), state)  # no random initialisation drew from it
@@ -256,13 +354,16 @@ def test_load_hf_spends_no_random_init_and_keeps_ties(name, dtype, hf_dirs):
     tensors = [*m.parameters(), *m.buffers()]
     assert not any(t.is_meta for t in tensors) and all(t.dtype == dtype for t in tensors)
     assert all(p.requires_grad and p.is_contiguous() for p in m.parameters())
-    if cfg.family == "llama":  # computed, not loaded: the same tables as a model built the ordinary way
+    if (
+        cfg.family == "llama"
+    ):  # computed, not loaded: the same tables as a model built the ordinary way
         ref = GPT(cfg).to(dtype)
         assert torch.equal(m.rope_cos, ref.rope_cos) and torch.equal(m.rope_sin, ref.rope_sin)
 
 
 def _edit(src, dst, config=None, tensors=None):
     from safetensors.torch import load_file, save_file
+
     dst.mkdir()
     cfg = json.loads((src / "config.json").read_text())
     (dst / "config.json").write_text(json.dumps(config(cfg) if config else cfg))
@@ -274,23 +375,42 @@ def _edit(src, dst, config=None, tensors=None):
 def test_load_hf_errors_name_the_tensor_and_both_shapes(hf_dirs, tmp_path):
     _, d = hf_dirs["llama-gqa"]
     bad = _edit(d, tmp_path / "heads", config=lambda c: c | {"num_key_value_heads": 4})
-    with pytest.raises(ValueError, match=r"tensor 'model.layers.0.self_attn.k_proj.weight' has shape \(16, 32\), "
-                                         r"but config.json's model needs \(32, 32\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"tensor 'model.layers.0.self_attn.k_proj.weight' has shape \(16, 32\), "
+        r"but config.json's model needs \(32, 32\)",
+    ):
         load_hf(bad)
-    missing = _edit(d, tmp_path / "missing", tensors=lambda t: {k: v for k, v in t.items() if "layers.1.mlp.up_proj" not in k})
-    with pytest.raises(ValueError, match=r"no tensor 'model.layers.1.mlp.up_proj.weight'.*shape \(48, 32\)"):
+    missing = _edit(
+        d,
+        tmp_path / "missing",
+        tensors=lambda t: {k: v for k, v in t.items() if "layers.1.mlp.up_proj" not in k},
+    )
+    with pytest.raises(
+        ValueError, match=r"no tensor 'model.layers.1.mlp.up_proj.weight'.*shape \(48, 32\)"
+    ):
         load_hf(missing)
-    extra = _edit(d, tmp_path / "extra", tensors=lambda t: t | {"model.layers.2.mlp.up_proj.weight": torch.zeros(48, 32)})
+    extra = _edit(
+        d,
+        tmp_path / "extra",
+        tensors=lambda t: t | {"model.layers.2.mlp.up_proj.weight": torch.zeros(48, 32)},
+    )
     with pytest.raises(ValueError, match=r"no place for: model.layers.2.mlp.up_proj.weight"):
         load_hf(extra)
 
 
-@pytest.mark.parametrize("edit,message", [
-    (lambda c: c | {"model_type": "mistral"}, r"model_type='mistral' is not supported"),
-    (lambda c: c | {"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4}}, r"rope_type='llama3' is not supported"),
-    (lambda c: c | {"hidden_act": "gelu"}, r"hidden_act='gelu' is not supported"),
-    (lambda c: c | {"attention_bias": True}, r"mlp_bias=False is not supported"),
-])
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda c: c | {"model_type": "mistral"}, r"model_type='mistral' is not supported"),
+        (
+            lambda c: c | {"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4}},
+            r"rope_type='llama3' is not supported",
+        ),
+        (lambda c: c | {"hidden_act": "gelu"}, r"hidden_act='gelu' is not supported"),
+        (lambda c: c | {"attention_bias": True}, r"mlp_bias=False is not supported"),
+    ],
+)
 def test_load_hf_refuses_what_it_cannot_represent(hf_dirs, tmp_path, edit, message):
     bad = _edit(hf_dirs["llama-gqa"][1], tmp_path / "bad", config=edit)
     with pytest.raises(ValueError, match=message):
@@ -300,7 +420,10 @@ def test_load_hf_refuses_what_it_cannot_represent(hf_dirs, tmp_path, edit, messa
 def test_own_checkpoint_mismatch_names_tensor_and_shapes(tmp_path):
     torch.save(GPT(CONFIGS["gpt2"]).state_dict(), tmp_path / "m.pt")
     other = GPT(GPTConfig(**SMALL | {"n_embd": 64}))
-    with pytest.raises(RuntimeError, match=r"size mismatch for wte.weight: copying a param with shape "
-                                           r"torch.Size\(\[97, 32\]\) from checkpoint, the shape in current model is "
-                                           r"torch.Size\(\[97, 64\]\)"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"size mismatch for wte.weight: copying a param with shape "
+        r"torch.Size\(\[97, 32\]\) from checkpoint, the shape in current model is "
+        r"torch.Size\(\[97, 64\]\)",
+    ):
         other.load_state_dict(torch.load(tmp_path / "m.pt"))

@@ -1,21 +1,44 @@
-"""The code sandbox and pass@k: every hostile completion is contained and scored as a failure while the harness
+"""The code sandbox and pass@k: every hostile completion is contained and scored as a failure while
+the harness
 survives; canonical solutions pass and wrong ones fail; pass@k agrees with counting subsets.
 
-Attacks run with the guard (the in-process prelude) and without it. Without it, only the operating system
-contains them, so those runs are skipped on a machine where the layer that stops an attack is missing
-(`sandbox_info()`: not root, so no separate user; no user namespaces). Those runs are not skipped on the build
+Attacks run with the guard (the in-process prelude) and without it. Without it, only the operating
+system
+contains them, so those runs are skipped on a machine where the layer that stops an attack is
+missing
+(`sandbox_info()`: not root, so no separate user; no user namespaces). Those runs are not skipped on
+the build
 machine, which runs as root with namespaces."""
-import itertools, math, os, pwd, random, secrets, signal, socket, time
+
+import itertools
+import math
+import os
+import pwd
+import random
+import secrets
+import signal
+import socket
+import time
 from fractions import Fraction
 from pathlib import Path
 
 import pytest
 
-from minillm.sandbox import (OUTPUT_LIMIT, PROBLEMS, check_correctness, evaluate_pass_at_k, pass_at_k, run_code,
-                             sandbox_info, truncate_completion)
+from minillm.sandbox import (
+    OUTPUT_LIMIT,
+    PROBLEMS,
+    check_correctness,
+    evaluate_pass_at_k,
+    pass_at_k,
+    run_code,
+    sandbox_info,
+    truncate_completion,
+)
 
 INFO = sandbox_info()
-OTHER_USER = INFO["user"] != pwd.getpwuid(os.getuid()).pw_name  # the child cannot touch our files or processes
+OTHER_USER = (
+    INFO["user"] != pwd.getpwuid(os.getuid()).pw_name
+)  # the child cannot touch our files or processes
 NAMESPACES = bool(INFO["namespaces"])  # no network; own PID space; its descendants die with it
 GUARD = [pytest.param(True, id="guard"), pytest.param(False, id="no-guard")]
 
@@ -30,7 +53,9 @@ def _processes_with(marker: str) -> list[int]:
     found = []
     for d in os.listdir("/proc"):
         try:
-            if not d.isdigit() or marker not in Path(f"/proc/{d}/cmdline").read_bytes().decode(errors="replace"):
+            if not d.isdigit() or marker not in Path(f"/proc/{d}/cmdline").read_bytes().decode(
+                errors="replace"
+            ):
                 continue
             if Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
                 found.append(int(d))
@@ -53,11 +78,15 @@ def _attack(completion: str, guard: bool, timeout: float = 2.0, **limits):
     return r
 
 
-# --- the problems ---------------------------------------------------------------------------------------------------
+# --- the problems
+# ---------------------------------------------------------------------------------------------------
+
 
 def test_canonical_solutions_score_pass_at_1_of_one():
     canonical = {p["prompt"]: p["canonical_solution"] for p in PROBLEMS}
-    scores = evaluate_pass_at_k(PROBLEMS, lambda prompt, n: [canonical[prompt]] * n, n=2, ks=(1, 2), timeout=30)
+    scores = evaluate_pass_at_k(
+        PROBLEMS, lambda prompt, n: [canonical[prompt]] * n, n=2, ks=(1, 2), timeout=30
+    )
     assert scores["pass@1"] == scores["pass@2"] == 1.0
     assert scores["correct"] == {p["task_id"]: 2 for p in PROBLEMS}
 
@@ -66,7 +95,9 @@ def test_problems_are_well_formed():
     assert 10 <= len(PROBLEMS) <= 20 and len({p["task_id"] for p in PROBLEMS}) == len(PROBLEMS)
     for p in PROBLEMS:
         assert set(p) == {"task_id", "prompt", "canonical_solution", "test", "entry_point"}
-        assert p["prompt"].startswith(f"def {p['entry_point']}(") and p["prompt"].rstrip().endswith('"""')
+        assert p["prompt"].startswith(f"def {p['entry_point']}(") and p["prompt"].rstrip().endswith(
+            '"""'
+        )
         assert all(line.startswith("    ") for line in p["canonical_solution"].splitlines() if line)
         assert p["test"].startswith("def check(candidate):") and p["test"].count("assert") >= 5
 
@@ -77,41 +108,80 @@ def test_return_none_fails_every_problem(problem):
     assert r.status == "failed" and "AssertionError" in r.stderr
 
 
-@pytest.mark.parametrize("task, completion", [
-    ("title_case", "    return title.title()\n"),  # capitalises "and"
-    ("merge_intervals", "    merged = []\n    for s, e in sorted(intervals):\n        if merged and s < merged[-1][1]:\n"
-                        "            merged[-1] = (merged[-1][0], max(merged[-1][1], e))\n        else:\n"
-                        "            merged.append((s, e))\n    return merged\n"),  # does not merge touching intervals
-    ("roman_to_int", "    v = {'I': 1, 'V': 5, 'X': 10, 'L': 50, 'C': 100, 'D': 500, 'M': 1000}\n"
-                     "    return sum(v[c] for c in numeral)\n"),  # no subtractive forms
-    ("nth_prime", "    primes = [p for p in range(2, 10000) if all(p % d for d in range(2, p))]\n    return primes[n]\n"),  # off by one
-    ("second_largest", "    return sorted(numbers)[-2] if len(numbers) > 1 else None\n"),  # not distinct
-    ("word_counts", "    counts = {}\n    for w in text.lower().split():\n        counts[w] = counts.get(w, 0) + 1\n"
-                    "    return counts\n"),  # keeps punctuation
-])
+@pytest.mark.parametrize(
+    "task, completion",
+    [
+        ("title_case", "    return title.title()\n"),  # capitalises "and"
+        (
+            "merge_intervals",
+            "    merged = []\n    for s, e in sorted(intervals):\n        if merged and s < merged[-1][1]:\n"
+            "            merged[-1] = (merged[-1][0], max(merged[-1][1], e))\n        else:\n"
+            "            merged.append((s, e))\n    return merged\n",
+        ),  # does not merge touching intervals
+        (
+            "roman_to_int",
+            "    v = {'I': 1, 'V': 5, 'X': 10, 'L': 50, 'C': 100, 'D': 500, 'M': 1000}\n"
+            "    return sum(v[c] for c in numeral)\n",
+        ),  # no subtractive forms
+        (
+            "nth_prime",
+            "    primes = [p for p in range(2, 10000) if all(p % d for d in range(2, p))]\n    return primes[n]\n",
+        ),  # off by one
+        (
+            "second_largest",
+            "    return sorted(numbers)[-2] if len(numbers) > 1 else None\n",
+        ),  # not distinct
+        (
+            "word_counts",
+            "    counts = {}\n    for w in text.lower().split():\n        counts[w] = counts.get(w, 0) + 1\n"
+            "    return counts\n",
+        ),  # keeps punctuation
+    ],
+)
 def test_plausible_wrong_solutions_fail(task, completion):
     problem = next(p for p in PROBLEMS if p["entry_point"] == task)
     assert check_correctness(problem, completion, timeout=30).status == "failed"
 
 
 def test_the_score_needs_the_tests_to_finish():
-    assert run_code("import sys; sys.exit(0)").status == "passed"  # run_code only sees the exit code ...
-    for early in ["    import sys\n    sys.exit(0)\n", "    import os\n    os._exit(0)\n",
-                  "    return 0\n\nraise SystemExit(0)\n"]:
-        r = check_correctness(PROBLEMS[0], early)  # ... check_correctness also needs the marker after the tests
-        assert r.status == "failed" and r.returncode == 0 and "before its tests finished" in r.stderr
-    r = check_correctness(PROBLEMS[0], PROBLEMS[0]["canonical_solution"] + "    print('talkative')\n", timeout=30)
-    assert r.passed and r.stdout == ""  # the marker line is removed; the unreachable print never ran
+    assert (
+        run_code("import sys; sys.exit(0)").status == "passed"
+    )  # run_code only sees the exit code ...
+    for early in [
+        "    import sys\n    sys.exit(0)\n",
+        "    import os\n    os._exit(0)\n",
+        "    return 0\n\nraise SystemExit(0)\n",
+    ]:
+        r = check_correctness(
+            PROBLEMS[0], early
+        )  # ... check_correctness also needs the marker after the tests
+        assert (
+            r.status == "failed" and r.returncode == 0 and "before its tests finished" in r.stderr
+        )
+    r = check_correctness(
+        PROBLEMS[0], PROBLEMS[0]["canonical_solution"] + "    print('talkative')\n", timeout=30
+    )
+    assert (
+        r.passed and r.stdout == ""
+    )  # the marker line is removed; the unreachable print never ran
 
 
-# --- run_code ---------------------------------------------------------------------------------------------------------
+# --- run_code
+# ---------------------------------------------------------------------------------------------------------
+
 
 def test_statuses():
     ok = run_code("print(6 * 7)", timeout=30)
     assert (ok.status, ok.returncode, ok.stdout, ok.stderr) == ("passed", 0, "42\n", "")
     bad = run_code("1 / 0", timeout=30)
-    assert bad.status == "failed" and bad.returncode == 1 and bad.stderr.strip().endswith("ZeroDivisionError: division by zero")
-    assert 'File "program.py", line 1' in bad.stderr  # tracebacks name the program, not a temporary path
+    assert (
+        bad.status == "failed"
+        and bad.returncode == 1
+        and bad.stderr.strip().endswith("ZeroDivisionError: division by zero")
+    )
+    assert (
+        'File "program.py", line 1' in bad.stderr
+    )  # tracebacks name the program, not a temporary path
     crash = run_code("import ctypes; ctypes.string_at(0)", timeout=30)
     assert crash.status == "error" and crash.returncode == -signal.SIGSEGV
     syntax = run_code("def f(:\n", timeout=30)
@@ -125,18 +195,25 @@ def test_bad_limits_are_refused():
 
 
 def test_waiting_without_pidfd(monkeypatch):
-    monkeypatch.delattr(os, "pidfd_open", raising=False)  # an older kernel or Python: Popen.wait polls
+    monkeypatch.delattr(
+        os, "pidfd_open", raising=False
+    )  # an older kernel or Python: Popen.wait polls
     assert run_code("print(1)", timeout=30).stdout == "1\n"
     start = time.monotonic()
-    assert run_code("while True: pass", timeout=1).status == "timeout" and time.monotonic() - start < 1 + 5
+    assert (
+        run_code("while True: pass", timeout=1).status == "timeout"
+        and time.monotonic() - start < 1 + 5
+    )
 
 
 def test_child_environment_is_clean_and_fresh(monkeypatch):
     monkeypatch.setenv("MINILLM_SECRET", "hunter2")
-    r = run_code("import os, json, re, math, collections, itertools, functools\n"
-                 "print(sorted(os.environ)); print(os.getcwd() == os.environ['HOME'] == os.environ['TMPDIR'])\n"
-                 "print(os.listdir('.')); open('scratch.txt', 'w').write('ok'); print(open('scratch.txt').read())\n",
-                 timeout=30)
+    r = run_code(
+        "import os, json, re, math, collections, itertools, functools\n"
+        "print(sorted(os.environ)); print(os.getcwd() == os.environ['HOME'] == os.environ['TMPDIR'])\n"
+        "print(os.listdir('.')); open('scratch.txt', 'w').write('ok'); print(open('scratch.txt').read())\n",
+        timeout=30,
+    )
     assert r.passed, r
     assert r.stdout.splitlines() == ["['HOME', 'LANG', 'PATH', 'TMPDIR']", "True", "[]", "ok"]
     again = run_code("import os; print(os.listdir('.'))", timeout=30)
@@ -144,18 +221,24 @@ def test_child_environment_is_clean_and_fresh(monkeypatch):
 
 
 def test_limits_leave_room_for_ordinary_programs():
-    r = run_code("x = bytearray(64 << 20); print(len(x) >> 20)", timeout=30)  # 64 MiB under the 256 MiB limit
+    r = run_code(
+        "x = bytearray(64 << 20); print(len(x) >> 20)", timeout=30
+    )  # 64 MiB under the 256 MiB limit
     assert r.passed and r.stdout == "64\n"
     assert run_code("x = bytearray(64 << 20)", memory_mb=32, timeout=30).status == "failed"
 
 
 def test_output_is_capped():
-    r = run_code("import sys\nwhile True:\n    sys.stdout.write('x' * 4096)\n", timeout=10, max_file_mb=1)
+    r = run_code(
+        "import sys\nwhile True:\n    sys.stdout.write('x' * 4096)\n", timeout=10, max_file_mb=1
+    )
     assert r.status == "failed" and "File too large" in r.stderr  # RLIMIT_FSIZE applies to stdout
     assert len(r.stdout) <= OUTPUT_LIMIT
 
 
-@pytest.mark.skipif(os.getuid() != 0, reason="the harness is not root: the child runs as the same user")
+@pytest.mark.skipif(
+    os.getuid() != 0, reason="the harness is not root: the child runs as the same user"
+)
 def test_child_is_not_root(tmp_path):
     secret = tmp_path / "root-only.txt"
     secret.write_text("root's eyes only")
@@ -164,7 +247,9 @@ def test_child_is_not_root(tmp_path):
     assert r.status == "failed" and "PermissionError" in r.stderr and "root's eyes" not in r.stdout
 
 
-# --- hostile completions ------------------------------------------------------------------------------------------------
+# --- hostile completions
+# ------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("guard", GUARD)
 def test_infinite_loop_is_killed_at_the_deadline(guard):
@@ -178,10 +263,18 @@ def test_fork_bomb_is_contained_and_leaves_nothing(guard):
     marker = f"bomb-{secrets.token_hex(6)}"
     if guard:  # os.fork raises PermissionError, an OSError: the bomb spins in place
         bomb = "    import os\n    while True:\n        try:\n            os.fork()\n        except OSError:\n            pass\n"
-    else:  # a real bomb, in an interpreter whose command line carries a marker we can look for afterwards
-        _needs(guard, True, OTHER_USER or NAMESPACES, "a separate user or namespaces (RLIMIT_NPROC would count ours)")
-        src = ("import os\nwhile True:\n    try:\n        if os.fork() == 0:\n            print('+', flush=True)\n"
-               "    except OSError:\n        pass\n")
+    # a real bomb, in an interpreter whose command line carries a marker we can look for afterwards
+    else:
+        _needs(
+            guard,
+            True,
+            OTHER_USER or NAMESPACES,
+            "a separate user or namespaces (RLIMIT_NPROC would count ours)",
+        )
+        src = (
+            "import os\nwhile True:\n    try:\n        if os.fork() == 0:\n            print('+', flush=True)\n"
+            "    except OSError:\n        pass\n"
+        )
         bomb = f"    import os, sys\n    os.execv(sys.executable, [sys.executable, '-c', {src!r}, {marker!r}])\n"
     r = _attack(bomb, guard, timeout=2, max_procs=16)
     assert r.status == "timeout"
@@ -194,22 +287,30 @@ def test_fork_bomb_is_contained_and_leaves_nothing(guard):
 def test_a_process_that_leaves_the_group_is_killed(guard):
     _needs(guard, True, NAMESPACES, "a PID namespace (os.setsid escapes the process-group kill)")
     marker = f"{random.randrange(10**6)}.{random.randrange(10**6)}"
-    r = _attack("    import os\n    if os.fork() == 0:\n        os.setsid()\n"
-                f"        os.execv('/bin/sleep', ['sleep', {marker!r}])\n", guard)
+    r = _attack(
+        "    import os\n    if os.fork() == 0:\n        os.setsid()\n"
+        f"        os.execv('/bin/sleep', ['sleep', {marker!r}])\n",
+        guard,
+    )
     assert r.status == "failed"
     assert _none_left(marker), "a sandboxed process survived its run"
 
 
 @pytest.mark.parametrize("guard", GUARD)
 def test_memory_bomb_gets_memory_error(guard):
-    r = _attack("    blocks = []\n    while True:\n        blocks.append(bytearray(1 << 24))\n", guard)
+    r = _attack(
+        "    blocks = []\n    while True:\n        blocks.append(bytearray(1 << 24))\n", guard
+    )
     assert r.status == "failed" and "MemoryError" in r.stderr
 
 
 @pytest.mark.parametrize("guard", GUARD)
 def test_disk_filler_stops_at_the_file_size_limit(guard):
-    r = _attack("    with open('big', 'wb') as f:\n        while True:\n            f.write(bytes(1 << 20))\n", guard,
-                max_file_mb=4)
+    r = _attack(
+        "    with open('big', 'wb') as f:\n        while True:\n            f.write(bytes(1 << 20))\n",
+        guard,
+        max_file_mb=4,
+    )
     assert r.status == "failed" and "File too large" in r.stderr
 
 
@@ -231,8 +332,11 @@ def test_no_network_not_even_the_harness_on_localhost(guard):
     with socket.create_server(("127.0.0.1", 0)) as server:
         server.settimeout(0.5)
         port = server.getsockname()[1]
-        r = _attack(f"    import socket\n    s = socket.create_connection(('127.0.0.1', {port}), timeout=1)\n"
-                    "    s.sendall(b'hello')\n    return 0\n", guard)
+        r = _attack(
+            f"    import socket\n    s = socket.create_connection(('127.0.0.1', {port}), timeout=1)\n"
+            "    s.sendall(b'hello')\n    return 0\n",
+            guard,
+        )
         assert r.status == "failed"
         with pytest.raises(socket.timeout):
             server.accept()
@@ -241,30 +345,50 @@ def test_no_network_not_even_the_harness_on_localhost(guard):
 @pytest.mark.parametrize("guard", GUARD)
 def test_secrets_in_the_harness_environment_stay_hidden(guard, monkeypatch):
     monkeypatch.setenv("MINILLM_SECRET", "hunter2")
-    r = _attack("    import os\n    print(os.environ.get('MINILLM_SECRET'))\n    return os.environ['MINILLM_SECRET']\n", guard)
+    r = _attack(
+        "    import os\n    print(os.environ.get('MINILLM_SECRET'))\n    return os.environ['MINILLM_SECRET']\n",
+        guard,
+    )
     assert "KeyError" in r.stderr and "hunter2" not in r.stdout + r.stderr
-    _needs(guard, False, OTHER_USER or NAMESPACES, "a separate user or namespaces (/proc/<pid>/environ is readable)")
+    _needs(
+        guard,
+        False,
+        OTHER_USER or NAMESPACES,
+        "a separate user or namespaces (/proc/<pid>/environ is readable)",
+    )
     r = _attack(f"    print(open('/proc/{os.getpid()}/environ').read())\n", guard)
     assert "hunter2" not in r.stdout + r.stderr
 
 
 @pytest.mark.parametrize("guard", GUARD)
 def test_killing_the_harness_fails(guard):
-    _needs(guard, True, OTHER_USER or NAMESPACES, "a separate user or namespaces (the child could signal us)")
+    _needs(
+        guard,
+        True,
+        OTHER_USER or NAMESPACES,
+        "a separate user or namespaces (the child could signal us)",
+    )
     r = _attack(f"    import os, signal\n    os.kill({os.getpid()}, signal.SIGKILL)\n", guard)
-    assert r.status == "failed" and ("ProcessLookupError" in r.stderr or "PermissionError" in r.stderr)
+    assert r.status == "failed" and (
+        "ProcessLookupError" in r.stderr or "PermissionError" in r.stderr
+    )
     os.kill(os.getpid(), 0)  # still here
 
 
 def test_guard_is_on_by_default_and_only_a_guard():
-    r = run_code("import os, posix\ntry:\n    os.fork()\nexcept PermissionError as e:\n    print(e)\n"
-                 "print(callable(posix.fork))\n", timeout=30)
+    r = run_code(
+        "import os, posix\ntry:\n    os.fork()\nexcept PermissionError as e:\n    print(e)\n"
+        "print(callable(posix.fork))\n",
+        timeout=30,
+    )
     assert r.stdout == "os.fork() is disabled in the sandbox\nTrue\n"
     assert run_code("import shutil; shutil.rmtree('.')", timeout=30).status == "failed"
     assert run_code("import os; os.fork", guard=False, timeout=30).passed
 
 
-# --- pass@k -----------------------------------------------------------------------------------------------------------------
+# --- pass@k
+# -----------------------------------------------------------------------------------------------------------------
+
 
 def _brute(n, c, k):
     subsets = list(itertools.combinations([True] * c + [False] * (n - c), k))
@@ -291,8 +415,12 @@ def test_pass_at_k_edge_cases_and_large_n():
 def test_evaluate_pass_at_k_counts_each_problem():
     problems = PROBLEMS[:3]
     good = {p["prompt"]: p["canonical_solution"] for p in problems}
-    wanted = {p["prompt"]: i for i, p in enumerate(problems)}  # problem i gets i correct samples out of 4
-    generate = lambda prompt, n: [good[prompt]] * wanted[prompt] + ["    return None\n"] * (n - wanted[prompt])
+    wanted = {
+        p["prompt"]: i for i, p in enumerate(problems)
+    }  # problem i gets i correct samples out of 4
+    generate = lambda prompt, n: (
+        [good[prompt]] * wanted[prompt] + ["    return None\n"] * (n - wanted[prompt])
+    )
     s = evaluate_pass_at_k(problems, generate, n=4, ks=(1, 2, 4), timeout=30)
     assert s["correct"] == {p["task_id"]: i for i, p in enumerate(problems)}
     for k in (1, 2, 4):
@@ -308,4 +436,7 @@ def test_truncate_completion():
     assert truncate_completion(body + "\n\ndef test():\n    pass\n") == body + "\n"
     assert truncate_completion(body + "if __name__ == '__main__':\n    main()\n") == body[:-1]
     assert truncate_completion(body + "# trailing comment\n") == body[:-1]
-    assert truncate_completion("    x = 1\n    # an indented comment\n    return x\n") == "    x = 1\n    # an indented comment\n    return x\n"
+    assert (
+        truncate_completion("    x = 1\n    # an indented comment\n    return x\n")
+        == "    x = 1\n    # an indented comment\n    return x\n"
+    )

@@ -1,18 +1,37 @@
-"Data made from the novels (minillm.tasks): splits, answers, the chat template and JSON-lines records."
-import json, warnings
+"""Data made from the novels (minillm.tasks): splits, answers, the chat template and JSON-lines
+records."""
+
+import json
+import warnings
 
 import pytest
 
 from minillm.data import TITLES, load_novels
-from minillm.tasks import (NOVEL_KEYS, RecordError, check_answer, chat_text, clean, continuation_choices,
-                           encode_chat, fact_choices, instruction_examples, novel_examples, novel_part,
-                           preference_pairs, read_jsonl, speaker_examples, write_jsonl)
+from minillm.tasks import (
+    NOVEL_KEYS,
+    RecordError,
+    chat_text,
+    check_answer,
+    clean,
+    continuation_choices,
+    encode_chat,
+    fact_choices,
+    instruction_examples,
+    novel_examples,
+    novel_part,
+    preference_pairs,
+    read_jsonl,
+    speaker_examples,
+    write_jsonl,
+)
 from minillm.tokenizer import BPETokenizer
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return BPETokenizer().train("It is a truth universally acknowledged, Mr. Darcy. " * 20, vocab_size=300)
+    return BPETokenizer().train(
+        "It is a truth universally acknowledged, Mr. Darcy. " * 20, vocab_size=300
+    )
 
 
 def test_novel_parts_cover_each_novel_and_test_passages_are_unseen():
@@ -24,7 +43,8 @@ def test_novel_parts_cover_each_novel_and_test_passages_are_unseen():
     assert not any(e["text"] in clean(novel_part(novels[e["novel"]], "train")) for e in test)
     assert novel_examples("test", n_per_novel=20) == test  # deterministic
     assert novel_examples("test", n_per_novel=20, seed=1) != test
-    with pytest.raises(ValueError, match="split='dev'"): novel_examples("dev")
+    with pytest.raises(ValueError, match="split='dev'"):
+        novel_examples("dev")
 
 
 def test_speakers_in_test_were_seen_in_training():
@@ -62,7 +82,8 @@ def test_preference_pairs_reject_a_wrong_answer_of_the_same_task():
     titles = set(TITLES.values())
     for p in pairs:
         assert not check_answer(p["rejected"], p["chosen"])
-        if p["task"] == "novel": assert p["rejected"] in titles
+        if p["task"] == "novel":
+            assert p["rejected"] in titles
 
 
 def test_multiple_choice_items():
@@ -78,10 +99,18 @@ def test_jsonl_roundtrip_and_bad_lines(tmp_path):
     recs = [dict(prompt="a", response="b"), dict(prompt="ü", response="€")]
     p = write_jsonl(tmp_path / "r.jsonl", recs)
     assert read_jsonl(p) == recs
-    p.write_text(json.dumps(recs[0]) + "\n[1, 2]\n{bad\n" + json.dumps(dict(prompt="x", response=3)) + "\n\n")
-    with pytest.raises(RecordError, match=r"r\.jsonl:2: not a JSON object"): read_jsonl(p)
+    p.write_text(
+        json.dumps(recs[0]) + "\n[1, 2]\n{bad\n" + json.dumps(dict(prompt="x", response=3)) + "\n\n"
+    )
+    with pytest.raises(RecordError, match=r"r\.jsonl:2: not a JSON object"):
+        read_jsonl(p)
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         assert read_jsonl(p, on_error="skip") == recs[:1]
-    assert [str(x.message).split(": ")[0][-9:] for x in w] == ["r.jsonl:2", "r.jsonl:3", "r.jsonl:4"]
-    with pytest.raises(ValueError, match="on_error"): read_jsonl(p, on_error="ignore")
+    assert [str(x.message).split(": ")[0][-9:] for x in w] == [
+        "r.jsonl:2",
+        "r.jsonl:3",
+        "r.jsonl:4",
+    ]
+    with pytest.raises(ValueError, match="on_error"):
+        read_jsonl(p, on_error="ignore")

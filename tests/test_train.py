@@ -1,6 +1,13 @@
-"""The training loop: exact resume after a kill, NaN handling, checkpoint validation, the schedule, the optimizer,
+"""The training loop: exact resume after a kill, NaN handling, checkpoint validation, the schedule,
+the optimizer,
 bits per character, and the `minillm` command line."""
-import json, math, os, subprocess, sys, textwrap
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
 from dataclasses import asdict
 from pathlib import Path
 
@@ -9,10 +16,22 @@ import pytest
 import torch
 
 from minillm.model import GPT, GPTConfig
-from minillm.train import (TrainConfig, TrainingDiverged, bits_per_char, configure_optimizer, evaluate_bpc,
-                           find_checkpoint, load_checkpoint, lr_at, save_checkpoint, train)
+from minillm.train import (
+    TrainConfig,
+    TrainingDiverged,
+    bits_per_char,
+    configure_optimizer,
+    evaluate_bpc,
+    find_checkpoint,
+    load_checkpoint,
+    lr_at,
+    save_checkpoint,
+    train,
+)
 
-TINY = dict(family="gpt2", vocab_size=64, context_length=32, n_layer=2, n_head=2, n_embd=32, dropout=0.1)
+TINY = dict(
+    family="gpt2", vocab_size=64, context_length=32, n_layer=2, n_head=2, n_embd=32, dropout=0.1
+)
 TOKENS = np.random.default_rng(0).integers(0, 64, 20_000).astype(np.uint16)
 
 
@@ -22,8 +41,20 @@ def tiny_model(seed=0, **kw):
 
 
 def cfg(**kw):
-    return TrainConfig(**{**dict(batch_size=4, context_length=32, max_steps=200, warmup_steps=10, eval_interval=50,
-                                 eval_batches=2, checkpoint_interval=100), **kw})
+    return TrainConfig(
+        **{
+            **dict(
+                batch_size=4,
+                context_length=32,
+                max_steps=200,
+                warmup_steps=10,
+                eval_interval=50,
+                eval_batches=2,
+                checkpoint_interval=100,
+            ),
+            **kw,
+        }
+    )
 
 
 RUN = textwrap.dedent("""
@@ -39,18 +70,27 @@ RUN = textwrap.dedent("""
 
 
 def test_resume_after_kill_is_bit_identical(tmp_path):
-    "200 steps straight == killed at step 150 (last checkpoint: 100), resumed: the same final loss and weights to the last bit."
+    """200 steps straight == killed at step 150 (last checkpoint: 100), resumed: the same final loss
+    and weights to the last bit."""
     torch.set_num_threads(1)
     straight = tiny_model()
     h1 = train(straight, TOKENS[:15000], TOKENS[15000:], cfg(), progress=False)
-    r = subprocess.run([sys.executable, "-c", RUN.format(tests=str(Path(__file__).parent), out=str(tmp_path))],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-c", RUN.format(tests=str(Path(__file__).parent), out=str(tmp_path))],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == -9, r.stderr  # killed, as intended
     assert json.loads((tmp_path / "ckpt" / "state.json").read_text())["step"] == 100
-    resumed = tiny_model(seed=99)  # different initial weights: the checkpoint must overwrite all of them
+    resumed = tiny_model(
+        seed=99
+    )  # different initial weights: the checkpoint must overwrite all of them
     h2 = train(resumed, TOKENS[:15000], TOKENS[15000:], cfg(), tmp_path, progress=False)
     assert h1[-1]["val_loss"] == h2[-1]["val_loss"] and h1[-1]["train_loss"] == h2[-1]["train_loss"]
-    assert all(torch.equal(a, b) for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(straight.state_dict().values(), resumed.state_dict().values())
+    )
     assert [r["step"] for r in h2] == [50, 100, 150, 200]
 
 
@@ -63,11 +103,14 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
         logits, loss = forward(x, y, **kw)
         if model.training:
             calls["n"] += 1
-            if calls["n"] == 130: loss = loss * float("nan")
+            if calls["n"] == 130:
+                loss = loss * float("nan")
         return logits, loss
 
     model.forward = poisoned
-    with pytest.raises(TrainingDiverged, match=r"loss is nan at step 129 .*last good checkpoint is .*ckpt"):
+    with pytest.raises(
+        TrainingDiverged, match=r"loss is nan at step 129 .*last good checkpoint is .*ckpt"
+    ):
         train(model, TOKENS[:15000], TOKENS[15000:], cfg(), tmp_path, progress=False)
     state = json.loads((find_checkpoint(tmp_path / "ckpt") / "state.json").read_text())
     assert state["step"] == 100
@@ -78,7 +121,12 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 def test_checkpoint_of_another_model_says_what_differs(tmp_path):
     model = tiny_model()
-    save_checkpoint(tmp_path / "ck", model, configure_optimizer(model, cfg()), {"model_config": asdict(model.config)})
+    save_checkpoint(
+        tmp_path / "ck",
+        model,
+        configure_optimizer(model, cfg()),
+        {"model_config": asdict(model.config)},
+    )
     with pytest.raises(ValueError, match=r"n_embd=32 \(model has 48\)"):
         load_checkpoint(tmp_path / "ck", tiny_model(n_embd=48))
 
@@ -86,7 +134,10 @@ def test_checkpoint_of_another_model_says_what_differs(tmp_path):
 def test_checkpoint_shape_mismatch_names_tensor(tmp_path):
     model = tiny_model()
     save_checkpoint(tmp_path / "ck", model, configure_optimizer(model, cfg()), {})
-    with pytest.raises(ValueError, match=r"tensor (wte|lm_head).weight has shape \(64, 32\), the model's is \(80, 32\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"tensor (wte|lm_head).weight has shape \(64, 32\), the model's is \(80, 32\)",
+    ):
         load_checkpoint(tmp_path / "ck", tiny_model(vocab_size=80))
 
 
@@ -102,7 +153,8 @@ def test_corrupt_checkpoint_refused_with_path(tmp_path):
 
 
 def test_interrupted_save_falls_back_to_previous(tmp_path):
-    "A crash between the two renames of a save leaves the old checkpoint at ck-prev; it is found and used."
+    """A crash between the two renames of a save leaves the old checkpoint at ck-prev; it is found
+    and used."""
     model = tiny_model()
     save_checkpoint(tmp_path / "ck", model, configure_optimizer(model, cfg()), {"step": 7})
     os.replace(tmp_path / "ck", tmp_path / "ck-prev")
@@ -111,14 +163,36 @@ def test_interrupted_save_falls_back_to_previous(tmp_path):
 
 
 def test_resume_with_other_config_refused(tmp_path):
-    train(tiny_model(), TOKENS[:15000], TOKENS[15000:], cfg(max_steps=20, checkpoint_interval=10), tmp_path, progress=False)
-    with pytest.raises(ValueError, match=r"cannot resume with another training config \(changed: \{'lr'"):
-        train(tiny_model(), TOKENS[:15000], TOKENS[15000:], cfg(max_steps=20, checkpoint_interval=10, lr=1e-2),
-              tmp_path, progress=False)
+    train(
+        tiny_model(),
+        TOKENS[:15000],
+        TOKENS[15000:],
+        cfg(max_steps=20, checkpoint_interval=10),
+        tmp_path,
+        progress=False,
+    )
+    with pytest.raises(
+        ValueError, match=r"cannot resume with another training config \(changed: \{'lr'"
+    ):
+        train(
+            tiny_model(),
+            TOKENS[:15000],
+            TOKENS[15000:],
+            cfg(max_steps=20, checkpoint_interval=10, lr=1e-2),
+            tmp_path,
+            progress=False,
+        )
 
 
-@pytest.mark.parametrize("kw, msg", [(dict(batch_size=0), "batch_size=0"), (dict(lr=1e-4, min_lr=1e-3), "min_lr"),
-                                     (dict(dtype="fp16"), "dtype='fp16'"), (dict(grad_clip=-1), "grad_clip=-1")])
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        (dict(batch_size=0), "batch_size=0"),
+        (dict(lr=1e-4, min_lr=1e-3), "min_lr"),
+        (dict(dtype="fp16"), "dtype='fp16'"),
+        (dict(grad_clip=-1), "grad_clip=-1"),
+    ],
+)
 def test_bad_train_config(kw, msg):
     with pytest.raises(ValueError, match=msg):
         TrainConfig(**kw)
@@ -127,23 +201,34 @@ def test_bad_train_config(kw, msg):
 def test_schedule():
     c = TrainConfig(max_steps=1000, warmup_steps=100, lr=1.0, min_lr=0.1)
     assert lr_at(0, c) == 0.01 and lr_at(99, c) == 1.0
-    assert lr_at(550, c) == pytest.approx(0.55)  # halfway through the cosine: the mean of lr and min_lr
+    assert lr_at(550, c) == pytest.approx(
+        0.55
+    )  # halfway through the cosine: the mean of lr and min_lr
     assert lr_at(1000, c) == pytest.approx(0.1) and lr_at(5000, c) == pytest.approx(0.1)
     assert all(lr_at(s, c) >= lr_at(s + 1, c) for s in range(100, 1000))
 
 
 def test_optimizer_matches_torch_adamw():
-    "Our parameter groups + fused AdamW take the same step as torch.optim.AdamW (for-loop) set up by hand."
+    """Our parameter groups + fused AdamW take the same step as torch.optim.AdamW (for-loop) set up
+    by hand."""
     a, b = tiny_model(dropout=0.0), tiny_model(dropout=0.0)
     c = cfg()
     oa = configure_optimizer(a, c)
-    ob = torch.optim.AdamW([{"params": [p for p in b.parameters() if p.dim() >= 2], "weight_decay": c.weight_decay},
-                            {"params": [p for p in b.parameters() if p.dim() < 2], "weight_decay": 0.0}],
-                           lr=c.lr, betas=(c.beta1, c.beta2), foreach=False)
+    ob = torch.optim.AdamW(
+        [
+            {"params": [p for p in b.parameters() if p.dim() >= 2], "weight_decay": c.weight_decay},
+            {"params": [p for p in b.parameters() if p.dim() < 2], "weight_decay": 0.0},
+        ],
+        lr=c.lr,
+        betas=(c.beta1, c.beta2),
+        foreach=False,
+    )
     x = torch.as_tensor(TOKENS[:33].astype(np.int64))
     for _ in range(3):
         for m, o in ((a, oa), (b, ob)):
-            m(x[None, :-1], x[None, 1:])[1].backward(); o.step(); o.zero_grad()
+            m(x[None, :-1], x[None, 1:])[1].backward()
+            o.step()
+            o.zero_grad()
     assert max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters())) < 1e-5
     assert {g["weight_decay"] for g in oa.param_groups} == {0.0, 0.1}
 
@@ -153,23 +238,38 @@ def test_bits_per_char_and_evaluate_bpc():
     assert bits_per_char(math.log(2), 10, 20) == pytest.approx(0.5)
 
     class Chars:  # a stand-in tokenizer: one token per character
-        def encode(self, s): return [ord(ch) % 64 for ch in s]
+        def encode(self, s):
+            return [ord(ch) % 64 for ch in s]
+
     model = tiny_model(dropout=0.0).eval()
     text = "".join(chr(65 + int(t) % 26) for t in TOKENS[:100])
     r = evaluate_bpc(model, Chars(), text, batch_size=2)
     ids = torch.tensor(Chars().encode(text))
     with torch.no_grad():  # the same, by hand: windows of 32 with their next tokens
-        nll = sum(torch.nn.functional.cross_entropy(model(ids[None, s:s + 32][:, : len(ids) - 1 - s])[0][0],
-                                                    ids[s + 1:s + 33], reduction="sum").item() for s in range(0, 99, 32))
+        nll = sum(
+            torch.nn.functional.cross_entropy(
+                model(ids[None, s : s + 32][:, : len(ids) - 1 - s])[0][0],
+                ids[s + 1 : s + 33],
+                reduction="sum",
+            ).item()
+            for s in range(0, 99, 32)
+        )
     assert r["tokens"] == 99 and r["loss"] == pytest.approx(nll / 99, rel=1e-5)
-    assert r["bits_per_char"] == pytest.approx(nll / len(text) / math.log(2), rel=1e-5)  # bits per *character*
+    assert r["bits_per_char"] == pytest.approx(
+        nll / len(text) / math.log(2), rel=1e-5
+    )  # bits per *character*
 
 
 # ---- the command line
 
+
 def cli(*args, env=None):
-    return subprocess.run([Path(sys.executable).parent / "minillm", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [Path(sys.executable).parent / "minillm", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def test_cli_help_and_bad_options():
@@ -196,14 +296,29 @@ def test_cli_config_errors_name_the_file(tmp_path):
 
 
 def test_cli_train_resume_and_sample(tmp_path):
-    "A real (very short) run of the austen-tiny recipe; then sampling from it; then a resume that does nothing more."
+    """A real (very short) run of the austen-tiny recipe; then sampling from it; then a resume that
+    does nothing more."""
     first = cli("train", "--out", str(tmp_path / "run"), "--max-steps", "6", "--quiet")
     assert first.returncode == 0, first.stderr
     assert "bits/char" in first.stdout
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["history"][-1]["step"] == 6 and metrics["final"]["bits_per_char"] > 2
-    r = cli("sample", "--run", str(tmp_path / "run"), "--prompt", "Emma", "--max-new-tokens", "5", "--seed", "0")
+    r = cli(
+        "sample",
+        "--run",
+        str(tmp_path / "run"),
+        "--prompt",
+        "Emma",
+        "--max-new-tokens",
+        "5",
+        "--seed",
+        "0",
+    )
     assert r.returncode == 0 and r.stdout.startswith("Emma"), r.stderr
     r2 = cli("train", "--out", str(tmp_path / "run"), "--max-steps", "6", "--quiet")
-    assert r2.returncode == 0 and r2.stdout == first.stdout  # resumed at its end: the same model, the same numbers
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["history"] == metrics["history"]
+    assert (
+        r2.returncode == 0 and r2.stdout == first.stdout
+    )  # resumed at its end: the same model, the same numbers
+    assert (
+        json.loads((tmp_path / "run" / "metrics.json").read_text())["history"] == metrics["history"]
+    )

@@ -1,64 +1,147 @@
 #!/usr/bin/env python3
-"""Render the book without Quarto: _quarto.yml + the chapter notebooks -> book/minillm.pdf and book/*.html.
+"""Render the book without Quarto: _quarto.yml + the chapter notebooks -> book/minillm.pdf and
+book/*.html.
 
-`make book` runs `quarto render` where Quarto is installed, and this script otherwise. It reads the same _quarto.yml
-and makes the same two outputs with two tools from the venv: pandoc (pypandoc-binary) parses and writes, Typst (the
-`typst` package) typesets the PDF. Nothing is executed: the book shows the outputs stored in the notebooks.
+`make book` runs `quarto render` where Quarto is installed, and this script otherwise. It reads the
+same _quarto.yml
+and makes the same two outputs with two tools from the venv: pandoc (pypandoc-binary) parses and
+writes, Typst (the
+`typst` package) typesets the PDF. Nothing is executed: the book shows the outputs stored in the
+notebooks.
 
     .venv/bin/python tools/render_book.py [--project DIR] [--out DIR]
 
 How it works, in the order it runs:
 
-1. Read _quarto.yml: title, subtitle, author, date, output-file, output-dir, and the chapters with their parts.
-2. Each notebook becomes pandoc markdown (`notebook_markdown`): `#|` directives are read and removed, hidden cells
+1. Read _quarto.yml: title, subtitle, author, date, output-file, output-dir, and the chapters with
+   their parts.
+2. Each notebook becomes pandoc markdown (`notebook_markdown`): `#|` directives are read and
+   removed, hidden cells
    dropped, `# NBVAL_*` test markers stripped, outputs turned into fenced text, images (written to media/) and raw
    HTML. pandoc parses it into its JSON AST: one call per chapter, in a thread pool.
-3. On the AST, in Python (`number_chapter`): callouts get their title, the `> description` under a chapter's title
-   becomes its lead paragraph, chapters/sections/figures get their numbers, every #sec-/#fig- label is recorded.
-   Numbers are computed here, once, for both formats: the PDF shows exactly the numbers the HTML shows.
-4. With every label known, `@sec-x`, `@fig-x` and links to other chapters' notebooks become links, once per output
+3. On the AST, in Python (`number_chapter`): callouts get their title, the `> description` under a
+   chapter's title
+   becomes its lead paragraph, chapters/sections/figures get their numbers, every #sec-/#fig- label
+   is recorded.
+   Numbers are computed here, once, for both formats: the PDF shows exactly the numbers the HTML
+   shows.
+4. With every label known, `@sec-x`, `@fig-x` and links to other chapters' notebooks become links,
+   once per output
    format (`resolve`). An unresolved one is an error: the book never ships a "??".
-5. HTML: pandoc writes each chapter's body; tools/book/page.html wraps it with the sidebar and prev/next links.
-   PDF: pandoc writes each chapter as Typst; one document imports tools/book/book.typ (title page, contents, part
+5. HTML: pandoc writes each chapter's body; tools/book/page.html wraps it with the sidebar and
+   prev/next links.
+   PDF: pandoc writes each chapter as Typst; one document imports tools/book/book.typ (title page,
+   contents, part
    pages, callouts, code and output styling) and `typst.compile` makes the PDF.
-6. All of it is written to a temporary directory next to the output, which replaces the old book only when
+6. All of it is written to a temporary directory next to the output, which replaces the old book
+   only when
    everything succeeded: a failed build leaves the previous book as it was.
 
-Of _quarto.yml it reads: book.title/subtitle/author/date/output-file/chapters (with `part:`)/appendices,
-project.output-dir, number-sections, lang, and format.typst.papersize/toc/toc-depth (default 2). Numbering follows
-Quarto's defaults: the `index` chapter (or one whose title is `{.unnumbered}`) is an unnumbered preface, chapters are
-numbered 1, 2, ..., appendices A, B, ..., sections 2.1, 2.1.1, figures per chapter ("Figure 2.1"). Error messages
+Of _quarto.yml it reads: book.title/subtitle/author/date/output-file/chapters (with
+`part:`)/appendices,
+project.output-dir, number-sections, lang, and format.typst.papersize/toc/toc-depth (default 2).
+Numbering follows
+Quarto's defaults: the `index` chapter (or one whose title is `{.unnumbered}`) is an unnumbered
+preface, chapters are
+numbered 1, 2, ..., appendices A, B, ..., sections 2.1, 2.1.1, figures per chapter ("Figure 2.1").
+Error messages
 name cells by their index in the notebook, counting from 0 as nbval does.
 
-Quarto features it does not support (the chapters do not use them): executing code; `{{< shortcodes >}}`; citations
-from a bibliography; cross-references other than @sec- and @fig- (no @tbl-, @eq-, @lst-, theorem or callout
-references; an unresolved one is an error); `crossref:` options (names, prefixes); sub-figures (a labelled cell with
-several images numbers its first); `part:` given as a file; the other `format:` options (code folding, margin
-content, tabsets, themes, search, typst `section-numbering`); JavaScript/widget outputs (their text/plain is shown
-instead), and in the PDF any HTML output that is not a table; `.qmd`/`.md` chapters are read as plain pandoc
+Quarto features it does not support (the chapters do not use them): executing code; `{{< shortcodes
+>}}`; citations
+from a bibliography; cross-references other than @sec- and @fig- (no @tbl-, @eq-, @lst-, theorem or
+callout
+references; an unresolved one is an error); `crossref:` options (names, prefixes); sub-figures (a
+labelled cell with
+several images numbers its first); `part:` given as a file; the other `format:` options (code
+folding, margin
+content, tabsets, themes, search, typst `section-numbering`); JavaScript/widget outputs (their
+text/plain is shown
+instead), and in the PDF any HTML output that is not a table; `.qmd`/`.md` chapters are read as
+plain pandoc
 markdown (their code chunks shown, not run).
 """
-import argparse, base64, concurrent.futures, datetime, functools, html, json, os, re, shutil, string, subprocess, sys
-import tempfile, time
+
+import argparse
+import base64
+import concurrent.futures
+import datetime
+import functools
+import html
+import json
+import os
+import re
+import shutil
+import string
+import subprocess
+import sys
+import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote
 
 TEMPLATES = Path(__file__).resolve().parent / "book"
-CALLOUTS = {"note": "Note", "tip": "Tip", "warning": "Warning", "important": "Important", "caution": "Caution"}
-CROSSREF_PREFIXES = ("sec", "fig", "tbl", "eq", "lst", "thm", "lem", "cor", "prp", "cnj", "def", "exm", "exr", "nte",
-                     "tip", "wrn", "imp", "cau")
-# Which output a cell shows of the mime types it stored, best first. The PDF cannot show HTML, except a table
-# (pandas), which pandoc turns into a Typst table. A cell with a figure label prefers its image in both formats.
-SHOW = {"html": ["text/html", "text/markdown", "image/svg+xml", "image/png", "image/jpeg", "text/latex", "text/plain"],
-        "typst": ["text/markdown", "image/svg+xml", "image/png", "image/jpeg", "text/html", "text/latex", "text/plain"]}
+CALLOUTS = {
+    "note": "Note",
+    "tip": "Tip",
+    "warning": "Warning",
+    "important": "Important",
+    "caution": "Caution",
+}
+CROSSREF_PREFIXES = (
+    "sec",
+    "fig",
+    "tbl",
+    "eq",
+    "lst",
+    "thm",
+    "lem",
+    "cor",
+    "prp",
+    "cnj",
+    "def",
+    "exm",
+    "exr",
+    "nte",
+    "tip",
+    "wrn",
+    "imp",
+    "cau",
+)
+# Which output a cell shows of the mime types it stored, best first. The PDF cannot show HTML,
+# except a table
+# (pandas), which pandoc turns into a Typst table. A cell with a figure label prefers its image in
+# both formats.
+SHOW = {
+    "html": [
+        "text/html",
+        "text/markdown",
+        "image/svg+xml",
+        "image/png",
+        "image/jpeg",
+        "text/latex",
+        "text/plain",
+    ],
+    "typst": [
+        "text/markdown",
+        "image/svg+xml",
+        "image/png",
+        "image/jpeg",
+        "text/html",
+        "text/latex",
+        "text/plain",
+    ],
+}
 IMAGES = {"image/svg+xml": "svg", "image/png": "png", "image/jpeg": "jpg"}
 
-DIRECTIVE = re.compile(r"^\s*#\|\s?(.*)$")              # `#| key: value` (Quarto) or `#| export` (nbdev)
+DIRECTIVE = re.compile(r"^\s*#\|\s?(.*)$")  # `#| key: value` (Quarto) or `#| export` (nbdev)
 NBVAL_MARKER = re.compile(r"^\s*#\s*NBVAL_[A-Z_]+\s*$")  # nbval's test markers
-ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[()][A-Za-z0-9]|\x1b[=>]")
-CELL_MARK = "minillm-cell"                               # raw block format that marks where a cell starts
-TYPST_TEMPLATE = ".book-template.typ"                    # tools/book/book.typ, next to the document that imports it
+ANSI = re.compile(
+    r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[()][A-Za-z0-9]|\x1b[=>]"
+)
+CELL_MARK = "minillm-cell"  # raw block format that marks where a cell starts
+TYPST_TEMPLATE = ".book-template.typ"  # tools/book/book.typ, next to the document that imports it
 
 
 class BookError(Exception):
@@ -73,30 +156,34 @@ def need(module, what):
     try:
         return __import__(module)
     except ImportError:
-        raise BookError(f"the Python package `{what}` is missing: `pip install pypandoc-binary typst pyyaml` in the "
-                        f"venv, or run `make book`, which sets up .venv") from None
+        raise BookError(
+            f"the Python package `{what}` is missing: `pip install pypandoc-binary typst pyyaml` in the "
+            f"venv, or run `make book`, which sets up .venv"
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # _quarto.yml
 
+
 @dataclass
 class Chapter:
-    src: str                       # as listed in _quarto.yml: "nbs/01_data.ipynb"
+    src: str  # as listed in _quarto.yml: "nbs/01_data.ipynb"
     path: Path
-    part: int | None = None        # index into Book.parts
+    part: int | None = None  # index into Book.parts
     appendix: bool = False
-    page: str = ""                 # its HTML page: "01_data.html"; the first chapter is "index.html"
+    page: str = ""  # its HTML page: "01_data.html"; the first chapter is "index.html"
     blocks: list = field(default_factory=list)  # pandoc AST
-    number: str | None = None      # "2", "A"; None for an unnumbered chapter
+    number: str | None = None  # "2", "A"; None for an unnumbered chapter
     title: str = ""
-    anchor: str = ""               # id of its title heading
-    description: str = ""          # the `> ...` line under the title
+    anchor: str = ""  # id of its title heading
+    description: str = ""  # the `> ...` line under the title
     sections: list = field(default_factory=list)  # (id, number, title) of its `##` headings
-    ids: set = field(default_factory=set)         # every id in the chapter
+    ids: set = field(default_factory=set)  # every id in the chapter
 
     @property
-    def stem(self): return self.path.stem
+    def stem(self):
+        return self.path.stem
 
     def label(self):  # "2 The corpus"
         return f"{self.number} {self.title}" if self.number else self.title
@@ -116,7 +203,7 @@ class Book:
     toc: bool
     toc_depth: int
     chapters: list
-    parts: list                    # (number, title); number is None for "Appendices"
+    parts: list  # (number, title); number is None for "Appendices"
 
 
 def read_config(project: Path) -> Book:
@@ -125,13 +212,16 @@ def read_config(project: Path) -> Book:
     try:
         cfg = yaml.safe_load(cfg_file.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
-        raise BookError(f"{cfg_file}: not found (--project must be the directory of the book's _quarto.yml)") from None
+        raise BookError(
+            f"{cfg_file}: not found (--project must be the directory of the book's _quarto.yml)"
+        ) from None
     except yaml.YAMLError as e:
         raise BookError(f"{cfg_file}: invalid YAML: {e}") from None
     book, fmt = cfg.get("book") or {}, cfg.get("format") or {}
     typ = fmt.get("typst") if isinstance(fmt.get("typst"), dict) else {}
 
     chapters, parts = [], []
+
     def add(src, part=None, appendix=False):
         if not isinstance(src, str):
             raise BookError(f"{cfg_file}: book.chapters: cannot read the entry {src!r}")
@@ -139,10 +229,13 @@ def read_config(project: Path) -> Book:
         if not path.is_file():
             raise BookError(f"{cfg_file}: the chapter {src} does not exist ({path})")
         chapters.append(Chapter(src=src, path=path, part=part, appendix=appendix))
+
     for entry in book.get("chapters") or []:
         if isinstance(entry, dict) and "part" in entry:
             if str(entry["part"]).endswith((".qmd", ".md", ".ipynb")):
-                raise BookError(f"{cfg_file}: `part: {entry['part']}` (a part given as a file) is not supported")
+                raise BookError(
+                    f"{cfg_file}: `part: {entry['part']}` (a part given as a file) is not supported"
+                )
             parts.append((_roman(sum(p[0] is not None for p in parts) + 1), str(entry["part"])))
             for src in entry.get("chapters") or []:
                 add(src, part=len(parts) - 1)
@@ -159,24 +252,35 @@ def read_config(project: Path) -> Book:
     for i, ch in enumerate(chapters):
         ch.page = "index.html" if i == 0 else f"{ch.stem}.html"
         if ch.page in pages:
-            raise BookError(f"{cfg_file}: {pages[ch.page]} and {ch.src} would both become {ch.page}")
+            raise BookError(
+                f"{cfg_file}: {pages[ch.page]} and {ch.src} would both become {ch.page}"
+            )
         pages[ch.page] = ch.src
 
     authors = book.get("author") or cfg.get("author") or []
     authors = authors if isinstance(authors, list) else [authors]
     authors = [a.get("name", "") if isinstance(a, dict) else str(a) for a in authors]
-    authors = [a.get("literal", "") if isinstance(a, dict) else a for a in authors]  # name: {literal: ...}
+    authors = [
+        a.get("literal", "") if isinstance(a, dict) else a for a in authors
+    ]  # name: {literal: ...}
     date = book.get("date") or cfg.get("date")
     if date in ("today", "now", "last-modified"):
         date = datetime.date.today().isoformat()
-    return Book(title=str(book.get("title") or cfg.get("title") or "Untitled"),
-                subtitle=str(book["subtitle"]) if book.get("subtitle") else None,
-                authors=[a for a in authors if a], date=str(date) if date else None,
-                output_file=str(book.get("output-file") or "book"),
-                output_dir=str((cfg.get("project") or {}).get("output-dir") or "_book"),
-                lang=str(cfg.get("lang") or "en"), number_sections=cfg.get("number-sections", True) is not False,
-                paper=str(typ.get("papersize") or "a4"), toc=typ.get("toc", True) is not False,
-                toc_depth=int(typ.get("toc-depth") or 2), chapters=chapters, parts=parts)
+    return Book(
+        title=str(book.get("title") or cfg.get("title") or "Untitled"),
+        subtitle=str(book["subtitle"]) if book.get("subtitle") else None,
+        authors=[a for a in authors if a],
+        date=str(date) if date else None,
+        output_file=str(book.get("output-file") or "book"),
+        output_dir=str((cfg.get("project") or {}).get("output-dir") or "_book"),
+        lang=str(cfg.get("lang") or "en"),
+        number_sections=cfg.get("number-sections", True) is not False,
+        paper=str(typ.get("papersize") or "a4"),
+        toc=typ.get("toc", True) is not False,
+        toc_depth=int(typ.get("toc-depth") or 2),
+        chapters=chapters,
+        parts=parts,
+    )
 
 
 def _roman(n):
@@ -190,12 +294,14 @@ def _roman(n):
 # ---------------------------------------------------------------------------------------------------------------------
 # Notebook -> pandoc markdown
 
+
 def cell_text(value):
     return "".join(value) if isinstance(value, list) else (value or "")
 
 
 def parse_directives(lines):
-    "The options of `#|` lines: Quarto's YAML (`#| fig-cap: ...`) or nbdev's words (`#| export`, `#| default_exp x`)."
+    """The options of `#|` lines: Quarto's YAML (`#| fig-cap: ...`) or nbdev's words (`#| export`,
+    `#| default_exp x`)."""
     yaml = need("yaml", "pyyaml")
     try:
         opts = yaml.safe_load("\n".join(lines))
@@ -246,7 +352,8 @@ def div(classes, body):
 
 
 def notebook_markdown(ch, media: Path):
-    "The chapter as pandoc markdown, and the HTML outputs that the PDF shows as tables (placeholders in the text)."
+    """The chapter as pandoc markdown, and the HTML outputs that the PDF shows as tables
+    (placeholders in the text)."""
     try:
         nb = json.loads(ch.path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
@@ -254,7 +361,11 @@ def notebook_markdown(ch, media: Path):
     if not isinstance(nb, dict) or not isinstance(nb.get("cells"), list):
         raise BookError(f"{ch.src}: not a notebook (no list of cells)")
     meta = nb.get("metadata") or {}
-    lang = (meta.get("kernelspec") or {}).get("language") or (meta.get("language_info") or {}).get("name") or "python"
+    lang = (
+        (meta.get("kernelspec") or {}).get("language")
+        or (meta.get("language_info") or {}).get("name")
+        or "python"
+    )
     chunks, tables = [], []
     for i, cell in enumerate(nb["cells"]):
         kind, source = cell.get("cell_type"), cell_text(cell.get("source"))
@@ -280,7 +391,9 @@ def front_matter_markdown(source):
     meta = need("yaml", "pyyaml").safe_load(m[1]) if m else None
     if not isinstance(meta, dict) or not meta.get("title"):
         return ""
-    return f"# {meta['title']}" + (f"\n\n> {meta['description']}" if meta.get("description") else "")
+    return f"# {meta['title']}" + (
+        f"\n\n> {meta['description']}" if meta.get("description") else ""
+    )
 
 
 def attachments(cell, text, media, i):
@@ -315,13 +428,23 @@ def code_cell_markdown(ch, cell, i, opts, lines, lang, media, tables):
 
 def outputs_markdown(ch, cell, i, opts, media, tables):
     label = str(opts.get("label") or "")
-    figure = {"id": label, "cap": str(opts.get("fig-cap") or ""), "alt": str(opts.get("fig-alt") or "")} \
-        if label.startswith("fig-") else None
+    figure = (
+        {"id": label, "cap": str(opts.get("fig-cap") or ""), "alt": str(opts.get("fig-alt") or "")}
+        if label.startswith("fig-")
+        else None
+    )
     outputs = []
     for o in cell.get("outputs") or []:  # a stream printed in several pieces is one output
-        if (o.get("output_type") == "stream" and outputs and outputs[-1].get("output_type") == "stream"
-                and outputs[-1].get("name") == o.get("name")):
-            outputs[-1] = {**outputs[-1], "text": cell_text(outputs[-1]["text"]) + cell_text(o.get("text"))}
+        if (
+            o.get("output_type") == "stream"
+            and outputs
+            and outputs[-1].get("output_type") == "stream"
+            and outputs[-1].get("name") == o.get("name")
+        ):
+            outputs[-1] = {
+                **outputs[-1],
+                "text": cell_text(outputs[-1]["text"]) + cell_text(o.get("text")),
+            }
         else:
             outputs.append(o)
     out = []
@@ -338,32 +461,54 @@ def outputs_markdown(ch, cell, i, opts, media, tables):
                 out.append(div(f"cell-output cell-output-{name}", fenced(text, "{." + name + "}")))
         elif kind == "error":
             source = cell_text(cell.get("source"))
-            if "raises-exception" not in (cell.get("metadata") or {}).get("tags", []) and \
-                    not re.search(r"^\s*#\s*NBVAL_RAISES_EXCEPTION\s*$", source, re.MULTILINE):
-                raise BookError(f"{ch.src} (cell {i}): the stored output is an error ({o.get('ename')}: "
-                                f"{o.get('evalue')}); fix the cell and re-run the notebook, or mark it "
-                                f"'# NBVAL_RAISES_EXCEPTION' if the error is the point")
-            text = plain_text("\n".join(o.get("traceback") or []) or f"{o.get('ename')}: {o.get('evalue')}")
+            if "raises-exception" not in (cell.get("metadata") or {}).get(
+                "tags", []
+            ) and not re.search(r"^\s*#\s*NBVAL_RAISES_EXCEPTION\s*$", source, re.MULTILINE):
+                raise BookError(
+                    f"{ch.src} (cell {i}): the stored output is an error ({o.get('ename')}: "
+                    f"{o.get('evalue')}); fix the cell and re-run the notebook, or mark it "
+                    f"'# NBVAL_RAISES_EXCEPTION' if the error is the point"
+                )
+            text = plain_text(
+                "\n".join(o.get("traceback") or []) or f"{o.get('ename')}: {o.get('evalue')}"
+            )
             out.append(div("cell-output cell-output-error", fenced(text.rstrip("\n"), "{.error}")))
         elif kind in ("execute_result", "display_data"):
             data = o.get("data") or {}
             shown = {}
             for fmt, order in SHOW.items():
                 if figure:
-                    order = [m for m in order if m in IMAGES] + [m for m in order if m not in IMAGES]
-                ok = [m for m in order
-                      if m in data and (m != "text/html" or fmt == "html" or "<table" in cell_text(data[m]))]
+                    order = [m for m in order if m in IMAGES] + [
+                        m for m in order if m not in IMAGES
+                    ]
+                ok = [
+                    m
+                    for m in order
+                    if m in data
+                    and (m != "text/html" or fmt == "html" or "<table" in cell_text(data[m]))
+                ]
                 shown[fmt] = ok[0] if ok else None
             if shown["html"] == shown["typst"]:
-                md = display_markdown(data, shown["html"], "both", f"cell{i}-{k}", media, tables, figure, opts)
+                md = display_markdown(
+                    data, shown["html"], "both", f"cell{i}-{k}", media, tables, figure, opts
+                )
             else:
-                md = "\n\n".join(div(f"only-{fmt}", display_markdown(data, shown[fmt], fmt, f"cell{i}-{k}", media,
-                                                                       tables, figure, opts))
-                                 for fmt in ("html", "typst") if shown[fmt])
+                md = "\n\n".join(
+                    div(
+                        f"only-{fmt}",
+                        display_markdown(
+                            data, shown[fmt], fmt, f"cell{i}-{k}", media, tables, figure, opts
+                        ),
+                    )
+                    for fmt in ("html", "typst")
+                    if shown[fmt]
+                )
             if md:
                 out.append(md)
     if figure and not figure.get("used"):
-        warn(f"{ch.src} (cell {i}): #| label: {label}, but the cell has no image output (run the notebook and save it)")
+        warn(
+            f"{ch.src} (cell {i}): #| label: {label}, but the cell has no image output (run the notebook and save it)"
+        )
     return out
 
 
@@ -377,33 +522,45 @@ def display_markdown(data, mime, fmt, name, media, tables, figure, opts):
         path = write_media(media, f"{name}.{IMAGES[mime]}", data[mime], mime)
         if figure and not figure.get("used"):  # the cell's figure: its first image (no sub-figures)
             figure["used"] = True
-            alt = ' fig-alt="%s"' % figure["alt"].replace("\\", "\\\\").replace('"', '\\"') if figure["alt"] else ""
+            alt = (
+                ' fig-alt="%s"' % figure["alt"].replace("\\", "\\\\").replace('"', '\\"')
+                if figure["alt"]
+                else ""
+            )
             return f"![{' '.join(figure['cap'].split())}]({path}){{#{figure['id']}{alt}}}"
         return f"![]({path})"
-    if mime == "text/html":  # as it is in the HTML; in the PDF, the table pandoc reads out of it (see parse_chapter)
+    if (
+        mime == "text/html"
+    ):  # as it is in the HTML; in the PDF, the table pandoc reads out of it (see parse_chapter)
         md = []
         if fmt in ("html", "both"):
             md.append(div("cell-output cell-output-display", fenced(value.strip("\n"), "{=html}")))
         if fmt in ("typst", "both"):
             tables.append(value)
-            md.append(f"::::: {{.cell-output .cell-output-display .html-table index=\"{len(tables) - 1}\"}}\n:::::")
+            md.append(
+                f"::::: {{.cell-output .cell-output-display .html-table index=\"{len(tables) - 1}\"}}\n:::::"
+            )
         return "\n\n".join(md)
     if mime in ("text/markdown", "text/latex") or opts.get("output") == "asis":
         return value
-    return div("cell-output cell-output-display", fenced(plain_text(value).rstrip("\n"), "{.stdout}"))
+    return div(
+        "cell-output cell-output-display", fenced(plain_text(value).rstrip("\n"), "{.stdout}")
+    )
 
 
 def markdown_chapter(ch):
-    "A .qmd/.md chapter: its text, with front matter's title as the heading and ```{python} chunks as plain code."
+    """A .qmd/.md chapter: its text, with front matter's title as the heading and ```{python} chunks
+    as plain code."""
     text = re.sub(r"^[ \t]*#\|.*\n", "", ch.path.read_text(encoding="utf-8"), flags=re.M)
     m = re.match(r"---\n(.*?)\n---\n", text, re.S)
     if m:
-        text = front_matter_markdown(m[0]) + "\n\n" + text[m.end():]
+        text = front_matter_markdown(m[0]) + "\n\n" + text[m.end() :]
     return re.sub(r"^(\s*```+)\s*\{(\w+)[^}]*\}", r"\1{.\2 .cell-code}", text, flags=re.M)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # pandoc and its AST
+
 
 @functools.lru_cache(maxsize=None)
 def pandoc_path():
@@ -415,15 +572,21 @@ def pandoc(text, src, dst, where, *args):
     try:
         r = subprocess.run(cmd, input=text.encode("utf-8"), capture_output=True)
     except OSError as e:
-        raise BookError(f"cannot run pandoc ({cmd[0]}: {e}): reinstall it with `pip install pypandoc-binary`") from None
+        raise BookError(
+            f"cannot run pandoc ({cmd[0]}: {e}): reinstall it with `pip install pypandoc-binary`"
+        ) from None
     if r.returncode != 0:
-        raise BookError(f"{where}: pandoc ({src} -> {dst}) failed: {r.stderr.decode('utf-8', 'replace').strip()}")
+        raise BookError(
+            f"{where}: pandoc ({src} -> {dst}) failed: {r.stderr.decode('utf-8', 'replace').strip()}"
+        )
     return r.stdout.decode("utf-8")
 
 
 def walk(x, fn):
-    """A copy of the AST `x`, built children first: `fn(node)` sees each node (a dict with "t"), in document order,
-    with its children already done, and returns None (keep it), a node (replace it) or a list of nodes (splice)."""
+    """A copy of the AST `x`, built children first: `fn(node)` sees each node (a dict with "t"), in
+    document order,
+    with its children already done, and returns None (keep it), a node (replace it) or a list of
+    nodes (splice)."""
     if isinstance(x, dict):
         return {k: walk(v, fn) for k, v in x.items()}
     if not isinstance(x, list):
@@ -460,20 +623,55 @@ def stringify(x):
         return stringify(c[2])
     if t in ("Para", "Plain"):
         return stringify(c) + " "
-    if t in ("Emph", "Strong", "Underline", "Strikeout", "Superscript", "Subscript", "SmallCaps", "BlockQuote"):
+    if t in (
+        "Emph",
+        "Strong",
+        "Underline",
+        "Strikeout",
+        "Superscript",
+        "Subscript",
+        "SmallCaps",
+        "BlockQuote",
+    ):
         return stringify(c)
     return ""  # raw content, notes, code blocks
 
 
-def Str(s): return {"t": "Str", "c": s}
-def Space(): return {"t": "Space"}
-def Plain(inlines): return {"t": "Plain", "c": inlines}
-def Div(ident, classes, blocks): return {"t": "Div", "c": [[ident, list(classes), []], blocks]}
-def Link(inlines, url): return {"t": "Link", "c": [["", [], []], inlines, [url, ""]]}
-def raw(fmt, text, block=True): return {"t": "RawBlock" if block else "RawInline", "c": [fmt, text]}
+def Str(s):
+    return {"t": "Str", "c": s}
 
 
-ATTR = {"Header": 1, "Div": 0, "Span": 0, "CodeBlock": 0, "Code": 0, "Figure": 0, "Table": 0, "Image": 0, "Link": 0}
+def Space():
+    return {"t": "Space"}
+
+
+def Plain(inlines):
+    return {"t": "Plain", "c": inlines}
+
+
+def Div(ident, classes, blocks):
+    return {"t": "Div", "c": [[ident, list(classes), []], blocks]}
+
+
+def Link(inlines, url):
+    return {"t": "Link", "c": [["", [], []], inlines, [url, ""]]}
+
+
+def raw(fmt, text, block=True):
+    return {"t": "RawBlock" if block else "RawInline", "c": [fmt, text]}
+
+
+ATTR = {
+    "Header": 1,
+    "Div": 0,
+    "Span": 0,
+    "CodeBlock": 0,
+    "Code": 0,
+    "Figure": 0,
+    "Table": 0,
+    "Image": 0,
+    "Link": 0,
+}
 
 
 def attr(node):
@@ -495,7 +693,9 @@ def parse_chapter(ch, tmp: Path):
             cell, _, text = chunk.partition("\n```\n")
             pandoc(text, "markdown", "json", f"{ch.src} (cell {cell})")
         raise
-    parsed = [json.loads(pandoc(t, "html", "json", f"{ch.src}: an HTML output"))["blocks"] for t in tables]
+    parsed = [
+        json.loads(pandoc(t, "html", "json", f"{ch.src}: an HTML output"))["blocks"] for t in tables
+    ]
 
     def fill(node):
         if node["t"] == "Div" and "html-table" in node["c"][0][1]:
@@ -503,17 +703,22 @@ def parse_chapter(ch, tmp: Path):
             node["c"][0][1].remove("html-table")
             node["c"][0][2] = []
             return Div("", ["only-typst"], [node])
+
     ch.blocks = walk(doc["blocks"], fill) if tables else doc["blocks"]
 
     def local_image(node):  # an image file next to the notebook: copy it into media/
         if node["t"] == "Image":
             url = node["c"][2][0]
-            if not re.match(r"^[a-z][a-z0-9+.-]*:|^/", url, re.I) and not (tmp / url).is_file() \
-                    and (ch.path.parent / unquote(url)).is_file():
+            if (
+                not re.match(r"^[a-z][a-z0-9+.-]*:|^/", url, re.I)
+                and not (tmp / url).is_file()
+                and (ch.path.parent / unquote(url)).is_file()
+            ):
                 dst = tmp / "media" / ch.stem / unquote(url).replace("/", "_").replace("..", "_")
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(ch.path.parent / unquote(url), dst)
                 node["c"][2][0] = f"media/{ch.stem}/{dst.name}"
+
     ch.blocks = walk(ch.blocks, local_image)
     return doc["pandoc-api-version"]
 
@@ -521,10 +726,11 @@ def parse_chapter(ch, tmp: Path):
 # ---------------------------------------------------------------------------------------------------------------------
 # Step 3: numbers and labels
 
+
 @dataclass
 class Target:
     chapter: Chapter
-    kind: str       # "chapter", "section" or "figure"
+    kind: str  # "chapter", "section" or "figure"
     number: str | None
     title: str
 
@@ -533,7 +739,11 @@ class Target:
             return self.title
         if number_only:
             return self.number
-        name = {"chapter": "Appendix" if self.chapter.appendix else "Chapter", "section": "Section", "figure": "Figure"}
+        name = {
+            "chapter": "Appendix" if self.chapter.appendix else "Chapter",
+            "section": "Section",
+            "figure": "Figure",
+        }
         return f"{name[self.kind]}\u00a0{self.number}"
 
 
@@ -549,12 +759,16 @@ def callout(node):
     if title is None and body and body[0]["t"] == "Header":
         title, body = body[0]["c"][2], body[1:]
     title = title or [Str(CALLOUTS[kind])]
-    return Div(ident, ["callout", f"callout-{kind}"],
-               [Div("", ["callout-title"], [Plain(title)]), Div("", ["callout-body"], body)])
+    return Div(
+        ident,
+        ["callout", f"callout-{kind}"],
+        [Div("", ["callout-title"], [Plain(title)]), Div("", ["callout-body"], body)],
+    )
 
 
 def number_chapter(ch, number, book: Book, labels: dict):
-    "Number the chapter's headings and figures (in the AST, for both formats) and record their labels."
+    """Number the chapter's headings and figures (in the AST, for both formats) and record their
+    labels."""
     ch.number = number
     ch.blocks = walk(ch.blocks, callout)
     where = {"cell": None}
@@ -572,8 +786,10 @@ def number_chapter(ch, number, book: Book, labels: dict):
             title = stringify(inlines).strip()
             if level == 1:
                 if ch.title:
-                    problems.append(f"{at(ch, where['cell'])}: a second level-1 heading `# {title}`: a chapter has "
-                                    f"one `# Title`; its sections are `## ...`")
+                    problems.append(
+                        f"{at(ch, where['cell'])}: a second level-1 heading `# {title}`: a chapter has "
+                        f"one `# Title`; its sections are `## ...`"
+                    )
                 else:
                     ch.title, ch.anchor = title, ident
                 num, kind = number, "chapter"
@@ -581,8 +797,8 @@ def number_chapter(ch, number, book: Book, labels: dict):
                 num = None
                 if number and book.number_sections and "unnumbered" not in classes:
                     counters[level] += 1
-                    counters[level + 1:] = [0] * (len(counters) - level - 1)
-                    num = ".".join([number] + [str(n) for n in counters[2:level + 1]])
+                    counters[level + 1 :] = [0] * (len(counters) - level - 1)
+                    num = ".".join([number] + [str(n) for n in counters[2 : level + 1]])
                 kind = "section"
                 if level == 2:
                     ch.sections.append((ident, num, title))
@@ -590,8 +806,12 @@ def number_chapter(ch, number, book: Book, labels: dict):
                 kv.append(["number", num])
             if ident.startswith("sec-"):
                 register(labels, ident, Target(ch, kind, num, title), ch, where["cell"])
-        elif t in ("Para", "Plain") and len(node["c"]) == 1 and node["c"][0]["t"] == "Image" \
-                and node["c"][0]["c"][0][0].startswith("fig-"):  # a labelled image without a caption
+        elif (
+            t in ("Para", "Plain")
+            and len(node["c"]) == 1
+            and node["c"][0]["t"] == "Image"
+            and node["c"][0]["c"][0][0].startswith("fig-")
+        ):  # a labelled image without a caption
             image = node["c"][0]
             ident = image["c"][0][0]
             image["c"][0][0] = ""
@@ -602,12 +822,16 @@ def number_chapter(ch, number, book: Book, labels: dict):
             num = f"{number}.{figures[0]}" if number else str(figures[0])
             caption = node["c"][1][1]
             text = stringify(caption).strip()
-            prefix = [Str(f"Figure\u00a0{num}" + (":" if text else ""))] + ([Space()] if text else [])
+            prefix = [Str(f"Figure\u00a0{num}" + (":" if text else ""))] + (
+                [Space()] if text else []
+            )
             if caption and caption[0]["t"] in ("Plain", "Para"):
                 caption[0]["c"] = prefix + caption[0]["c"]
             else:
                 node["c"][1][1] = [Plain(prefix)] + caption
-            for image in (b["c"][0] for b in node["c"][2] if b["t"] in ("Plain", "Para") and b["c"]):
+            for image in (
+                b["c"][0] for b in node["c"][2] if b["t"] in ("Plain", "Para") and b["c"]
+            ):
                 alt = dict(image["c"][0][2]).get("fig-alt") if image["t"] == "Image" else None
                 if alt:  # the image's alt text
                     image["c"][1] = [Str(alt)]
@@ -619,7 +843,9 @@ def number_chapter(ch, number, book: Book, labels: dict):
     if problems:
         raise BookError("\n".join(problems))
     if not ch.title:
-        raise BookError(f"{ch.src}: no chapter title (a `# Title` heading in its first markdown cell)")
+        raise BookError(
+            f"{ch.src}: no chapter title (a `# Title` heading in its first markdown cell)"
+        )
 
     # The `> description` right under the title is the chapter's lead paragraph.
     top = [b for b in ch.blocks if not (b["t"] == "RawBlock" and b["c"][0] == CELL_MARK)]
@@ -634,7 +860,9 @@ def number_chapter(ch, number, book: Book, labels: dict):
 def register(labels, ident, target, ch, cell):
     if ident in labels:
         other = labels[ident].chapter
-        raise BookError(f"{at(ch, cell)}: the label #{ident} is defined twice (also in {other.src})")
+        raise BookError(
+            f"{at(ch, cell)}: the label #{ident} is defined twice (also in {other.src})"
+        )
     labels[ident] = target
 
 
@@ -651,13 +879,15 @@ def is_numbered(ch):
 # ---------------------------------------------------------------------------------------------------------------------
 # Step 4: one AST per format, with references resolved
 
+
 def typst_label(ch, ident, labels):
     "Typst labels are global: ids other than #sec-/#fig- labels get the chapter's name in front."
     return ident if ident in labels else f"{ch.stem}--{ident}"
 
 
 def resolve(ch, fmt, book: Book, labels: dict, problems: list):
-    "The chapter's AST for one format (`html` or `typst`): refs resolved, format-only content chosen, numbers shown."
+    """The chapter's AST for one format (`html` or `typst`): refs resolved, format-only content
+    chosen, numbers shown."""
     by_path = {c.path: c for c in book.chapters}
     where = {"cell": None}
 
@@ -681,8 +911,10 @@ def resolve(ch, fmt, book: Book, labels: dict, problems: list):
         if frag in labels:
             return href(labels[frag].chapter, frag)
         if frag and frag not in target.ids:
-            problems.append(f"{at(ch, where['cell'])}: the link {url} points at #{frag}, "
-                            f"which {target.src} does not have")
+            problems.append(
+                f"{at(ch, where['cell'])}: the link {url} points at #{frag}, "
+                f"which {target.src} does not have"
+            )
             return url
         return href(target, frag)
 
@@ -693,21 +925,35 @@ def resolve(ch, fmt, book: Book, labels: dict, problems: list):
             label = key[0].lower() + key[1:]
             if label not in labels:
                 if label.split("-")[0] in CROSSREF_PREFIXES and "-" in label:
-                    hint = "" if label.startswith(("sec-", "fig-")) else " (only @sec- and @fig- are supported)"
-                    problems.append(f"{at(ch, where['cell'])}: unresolved cross-reference @{key}{hint}")
+                    hint = (
+                        ""
+                        if label.startswith(("sec-", "fig-"))
+                        else " (only @sec- and @fig- are supported)"
+                    )
+                    problems.append(
+                        f"{at(ch, where['cell'])}: unresolved cross-reference @{key}{hint}"
+                    )
                 return node["c"][1]  # not a cross-reference: the text as written
             t = labels[label]
             text = t.text(number_only=c["citationMode"]["t"] == "SuppressAuthor")
             prefix = c["citationPrefix"] + ([Space()] if c["citationPrefix"] else [])
-            out += ([Str(","), Space()] if n else []) + prefix + [Link([Str(text)], href(t.chapter, label))] \
+            out += (
+                ([Str(","), Space()] if n else [])
+                + prefix
+                + [Link([Str(text)], href(t.chapter, label))]
                 + c["citationSuffix"]
+            )
         return out
 
     def visit(node):
         t, a = node["t"], attr(node)
         if t == "RawBlock" and node["c"][0] == CELL_MARK:
             where["cell"] = node["c"][1]
-            return [raw("typst", f"// minillm-source: {ch.src} cell {node['c'][1]}")] if fmt == "typst" else []
+            return (
+                [raw("typst", f"// minillm-source: {ch.src} cell {node['c'][1]}")]
+                if fmt == "typst"
+                else []
+            )
         if t == "Cite":
             return cite(node)
         if t == "Link":
@@ -724,7 +970,10 @@ def resolve(ch, fmt, book: Book, labels: dict, problems: list):
                 node["c"][1][2] = [kv for kv in node["c"][1][2] if kv[0] != "number"]
                 if num:
                     cls = "chapter-number" if node["c"][0] == 1 else "header-section-number"
-                    node["c"][2] = [raw("html", f'<span class="{cls}">{num}</span>', False), Space()] + node["c"][2]
+                    node["c"][2] = [
+                        raw("html", f'<span class="{cls}">{num}</span>', False),
+                        Space(),
+                    ] + node["c"][2]
             return node
         # Typst
         if a and a[0]:
@@ -735,20 +984,32 @@ def resolve(ch, fmt, book: Book, labels: dict, problems: list):
             node["c"][1][2] = [kv for kv in node["c"][1][2] if kv[0] != "number"]
             numbering = f'(..) => "{num}"' if num else "none"
             supplement = ("[Appendix]" if ch.appendix else "[Chapter]") if level == 1 else "auto"
-            return [raw("typst", f"#set heading(numbering: {numbering}, supplement: {supplement})"), node]
-        if t == "Image" and re.match(r"^[a-z][a-z0-9+.-]*:", node["c"][2][0], re.I):  # Typst reads no URLs
+            return [
+                raw("typst", f"#set heading(numbering: {numbering}, supplement: {supplement})"),
+                node,
+            ]
+        if t == "Image" and re.match(
+            r"^[a-z][a-z0-9+.-]*:", node["c"][2][0], re.I
+        ):  # Typst reads no URLs
             return Link(node["c"][1] or [Str(node["c"][2][0])], node["c"][2][0])
         if t == "Div":
             classes, body = a[1], node["c"][1]
             label = f" <{a[0]}>" if a[0] else ""
             if "callout" in classes:
-                kind = next(c[8:] for c in classes if c.startswith("callout-") and c[8:] in CALLOUTS)
+                kind = next(
+                    c[8:] for c in classes if c.startswith("callout-") and c[8:] in CALLOUTS
+                )
                 title = stringify(body[0]["c"]).strip()
-                return [raw("typst", f"#callout({typst_str(kind)}, {typst_str(title)})[")] + body[1]["c"][1] \
+                return (
+                    [raw("typst", f"#callout({typst_str(kind)}, {typst_str(title)})[")]
+                    + body[1]["c"][1]
                     + [raw("typst", "]" + label)]
+                )
             if "lead" in classes:
                 return [raw("typst", "#lead[")] + body + [raw("typst", "]" + label)]
-            if "cell-output" in classes:  # its code blocks are styled by their "language": stdout, stderr, error
+            if (
+                "cell-output" in classes
+            ):  # its code blocks are styled by their "language": stdout, stderr, error
                 return body
         return node
 
@@ -756,7 +1017,8 @@ def resolve(ch, fmt, book: Book, labels: dict, problems: list):
 
 
 def visible(a, fmt):
-    "For a Div: False to drop it in this format, True to keep just its content, None to keep it as it is."
+    """For a Div: False to drop it in this format, True to keep just its content, None to keep it as
+    it is."""
     classes, kv = a[1], dict(a[2])
     if "only-html" in classes or "only-typst" in classes:
         return f"only-{fmt}" in classes
@@ -779,21 +1041,30 @@ def typst_str(s):
 # ---------------------------------------------------------------------------------------------------------------------
 # Step 5: HTML pages and the PDF
 
+
 def html_page(ch, body, book: Book, template: string.Template):
     e = html.escape
     items, part = [], None
     for c in book.chapters:
         if c.part != part and c.part is not None:
             number, title = book.parts[c.part]
-            items.append(f'<li class="part">{e(("Part " + number + " · ") if number else "")}{e(title)}</li>')
+            items.append(
+                f'<li class="part">{e(("Part " + number + " · ") if number else "")}{e(title)}</li>'
+            )
         part = c.part
         num = f'<span class="num">{e(c.number)}</span> ' if c.number else ""
         sub = ""
         if c is ch and c.sections:
-            sub = '\n    <ul class="sections">' + "".join(
-                f'\n      <li><a href="#{e(i)}">' + (f'<span class="num">{e(n)}</span> ' if n else "")
-                + f"{e(s)}</a></li>"
-                for i, n, s in c.sections) + "\n    </ul>"
+            sub = (
+                '\n    <ul class="sections">'
+                + "".join(
+                    f'\n      <li><a href="#{e(i)}">'
+                    + (f'<span class="num">{e(n)}</span> ' if n else "")
+                    + f"{e(s)}</a></li>"
+                    for i, n, s in c.sections
+                )
+                + "\n    </ul>"
+            )
         active = ' class="active"' if c is ch else ""
         items.append(f'<li{active}><a href="{c.page}">{num}{e(c.title)}</a>{sub}</li>')
     sidebar = '  <ul class="chapters">\n    ' + "\n    ".join(items) + "\n  </ul>"
@@ -802,44 +1073,60 @@ def html_page(ch, body, book: Book, template: string.Template):
     nav = []
     if i > 0:
         p = book.chapters[i - 1]
-        nav.append(f'<a class="prev" href="{p.page}"><small>Previous</small>&larr; {e(p.label())}</a>')
+        nav.append(
+            f'<a class="prev" href="{p.page}"><small>Previous</small>&larr; {e(p.label())}</a>'
+        )
     if i + 1 < len(book.chapters):
         n = book.chapters[i + 1]
         nav.append(f'<a class="next" href="{n.page}"><small>Next</small>{e(n.label())} &rarr;</a>')
     title_block = ""
     if i == 0:
-        title_block = (f'<header class="title-block">\n<p class="book-title"><strong>{e(book.title)}</strong></p>\n'
-                       + (f'<p class="subtitle">{e(book.subtitle)}</p>\n' if book.subtitle else "")
-                       + (f'<p class="author">{e(", ".join(book.authors))}</p>\n' if book.authors else "")
-                       + (f'<p class="date">{e(book.date)}</p>\n' if book.date else "") + "</header>")
+        title_block = (
+            f'<header class="title-block">\n<p class="book-title"><strong>{e(book.title)}</strong></p>\n'
+            + (f'<p class="subtitle">{e(book.subtitle)}</p>\n' if book.subtitle else "")
+            + (f'<p class="author">{e(", ".join(book.authors))}</p>\n' if book.authors else "")
+            + (f'<p class="date">{e(book.date)}</p>\n' if book.date else "")
+            + "</header>"
+        )
     chapter_name = (("Appendix " if ch.appendix else "") + ch.label()) if ch.number else ch.title
     return template.substitute(
-        lang=e(book.lang), description=e(ch.description or book.subtitle or ""), book_title=e(book.title),
+        lang=e(book.lang),
+        description=e(ch.description or book.subtitle or ""),
+        book_title=e(book.title),
         page_title=e(f"{chapter_name} – {book.title}"),
-        sidebar=sidebar, pdf=e(book.output_file) + ".pdf", title_block=title_block, body=body,
-        prev_next="\n".join(nav))
+        sidebar=sidebar,
+        pdf=e(book.output_file) + ".pdf",
+        title_block=title_block,
+        body=body,
+        prev_next="\n".join(nav),
+    )
 
 
 RAW_BLOCK = re.compile(r"^(`{3,}).*?^\1", re.MULTILINE | re.DOTALL)
 OLD_SYMBOL = re.compile(r"\b((?:dot|plus|minus|times|div|ast|slash|eq|backslash)\.)circle\b")
 
+
 def typst_symbols(text: str) -> str:
-    """pandoc 3.9 writes math symbols with Typst's old `.circle` modifier (`\\odot` -> `dot.circle`), which Typst
+    """pandoc 3.9 writes math symbols with Typst's old `.circle` modifier (`\\odot` ->
+    `dot.circle`), which Typst
     0.14+ renamed `.o`; rename them outside raw (code) blocks."""
     parts, last = [], 0
     for m in RAW_BLOCK.finditer(text):
-        parts += [OLD_SYMBOL.sub(r"\1o", text[last:m.start()]), m.group(0)]
+        parts += [OLD_SYMBOL.sub(r"\1o", text[last : m.start()]), m.group(0)]
         last = m.end()
     return "".join(parts + [OLD_SYMBOL.sub(r"\1o", text[last:])])
 
 
 def typst_document(book: Book, bodies: list) -> str:
     authors = "(" + "".join(typst_str(a) + ", " for a in book.authors) + ")"
-    head = [f'#import "{TYPST_TEMPLATE}": *',
-            f"#show: book.with(title: {typst_str(book.title)}, "
-            f"subtitle: {typst_str(book.subtitle) if book.subtitle else 'none'}, authors: {authors}, "
-            f"date: {typst_str(book.date) if book.date else 'none'}, paper: {typst_str(book.paper)}, "
-            f"toc: {'true' if book.toc else 'false'}, toc-depth: {book.toc_depth}, lang: {typst_str(book.lang)})", ""]
+    head = [
+        f'#import "{TYPST_TEMPLATE}": *',
+        f"#show: book.with(title: {typst_str(book.title)}, "
+        f"subtitle: {typst_str(book.subtitle) if book.subtitle else 'none'}, authors: {authors}, "
+        f"date: {typst_str(book.date) if book.date else 'none'}, paper: {typst_str(book.paper)}, "
+        f"toc: {'true' if book.toc else 'false'}, toc-depth: {book.toc_depth}, lang: {typst_str(book.lang)})",
+        "",
+    ]
     out, part = head, None
     for ch, body in zip(book.chapters, bodies):
         if ch.part != part and ch.part is not None:
@@ -858,9 +1145,11 @@ def compile_pdf(tmp: Path, typ_name: str, pdf: Path, source: str):
         m = re.search(re.escape(typ_name) + r":(\d+):", getattr(e, "diagnostic", "") or "")
         where = "the PDF"
         if m:  # the chapter and cell the failing line came from
-            marks = [l for l in source.splitlines()[:int(m[1])] if l.startswith("// minillm-source: ")]
+            marks = [
+                l for l in source.splitlines()[: int(m[1])] if l.startswith("// minillm-source: ")
+            ]
             if marks:
-                src = marks[-1][len("// minillm-source: "):]
+                src = marks[-1][len("// minillm-source: ") :]
                 where = src.replace(" cell ", " (cell ") + (")" if " cell " in src else "")
         detail = getattr(e, "diagnostic", "") or str(e)
         raise BookError(f"{where}: Typst failed: {getattr(e, 'message', e)}\n{detail}") from None
@@ -868,6 +1157,7 @@ def compile_pdf(tmp: Path, typ_name: str, pdf: Path, source: str):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The whole book
+
 
 @dataclass
 class Result:
@@ -880,9 +1170,14 @@ class Result:
 
 
 def render(project=".", out=None) -> Result:
-    "Render the book of `project` into `out` (default: its output-dir); raises BookError naming what is wrong."
+    """Render the book of `project` into `out` (default: its output-dir); raises BookError naming
+    what is wrong."""
     start = time.time()
-    for module, package in (("yaml", "pyyaml"), ("pypandoc", "pypandoc-binary"), ("typst", "typst")):
+    for module, package in (
+        ("yaml", "pyyaml"),
+        ("pypandoc", "pypandoc-binary"),
+        ("typst", "typst"),
+    ):
         need(module, package)
     project = Path(project).resolve()
     book = read_config(project)
@@ -906,8 +1201,10 @@ def render(project=".", out=None) -> Result:
                 number_chapter(ch, number if book.number_sections else None, book, labels)
 
             problems = []
-            asts = {fmt: [resolve(ch, fmt, book, labels, problems) for ch in book.chapters]
-                    for fmt in ("html", "typst")}
+            asts = {
+                fmt: [resolve(ch, fmt, book, labels, problems) for ch in book.chapters]
+                for fmt in ("html", "typst")
+            }
             if problems:
                 raise BookError("\n".join(dict.fromkeys(problems)))
 
@@ -916,9 +1213,14 @@ def render(project=".", out=None) -> Result:
                 args = ["--mathml", "--wrap=none"] if fmt == "html" else ["--wrap=preserve"]
                 out = pandoc(doc, "json", fmt, ch.src, *args)
                 return typst_symbols(out) if fmt == "typst" else out
+
             # Typst first: while it typesets (it releases the GIL), pandoc writes the HTML pages.
-            typst_bodies = [pool.submit(write, ch, b, "typst") for ch, b in zip(book.chapters, asts["typst"])]
-            html_bodies = [pool.submit(write, ch, b, "html") for ch, b in zip(book.chapters, asts["html"])]
+            typst_bodies = [
+                pool.submit(write, ch, b, "typst") for ch, b in zip(book.chapters, asts["typst"])
+            ]
+            html_bodies = [
+                pool.submit(write, ch, b, "html") for ch, b in zip(book.chapters, asts["html"])
+            ]
 
             source = typst_document(book, [f.result() for f in typst_bodies])
             typ_name = f"{book.output_file}.typ"
@@ -931,14 +1233,22 @@ def render(project=".", out=None) -> Result:
 
             template = string.Template((TEMPLATES / "page.html").read_text(encoding="utf-8"))
             for ch, body in zip(book.chapters, html_bodies):
-                (tmp / ch.page).write_text(html_page(ch, body.result(), book, template), encoding="utf-8")
+                (tmp / ch.page).write_text(
+                    html_page(ch, body.result(), book, template), encoding="utf-8"
+                )
             shutil.copyfile(TEMPLATES / "style.css", tmp / "style.css")
         pages = len(re.findall(rb"/Type\s*/Page(?![a-zA-Z])", pdf.read_bytes()))
         publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return Result(chapters=len(book.chapters), pages=pages, pdf=out / pdf.name,
-                  html=[out / ch.page for ch in book.chapters], typst_source=source, seconds=time.time() - start)
+    return Result(
+        chapters=len(book.chapters),
+        pages=pages,
+        pdf=out / pdf.name,
+        html=[out / ch.page for ch in book.chapters],
+        typst_source=source,
+        seconds=time.time() - start,
+    )
 
 
 def publish(tmp: Path, out: Path):
@@ -959,9 +1269,13 @@ def publish(tmp: Path, out: Path):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Render the book (_quarto.yml) to PDF and HTML with pandoc and Typst.")
+    ap = argparse.ArgumentParser(
+        description="Render the book (_quarto.yml) to PDF and HTML with pandoc and Typst."
+    )
     ap.add_argument("--project", default=".", help="directory of _quarto.yml (default: .)")
-    ap.add_argument("--out", default=None, help="output directory (default: project.output-dir of _quarto.yml)")
+    ap.add_argument(
+        "--out", default=None, help="output directory (default: project.output-dir of _quarto.yml)"
+    )
     args = ap.parse_args(argv)
     try:
         r = render(args.project, args.out)
@@ -969,8 +1283,10 @@ def main(argv=None):
         print(f"render_book: error: {e}", file=sys.stderr)
         return 1
     rel = lambda p: os.path.relpath(p)
-    print(f"render_book: {r.chapters} chapters, {r.pages} PDF pages, in {r.seconds:.1f} s\n"
-          f"  {rel(r.pdf)}\n  {rel(r.html[0])} (+{len(r.html) - 1} chapter pages)")
+    print(
+        f"render_book: {r.chapters} chapters, {r.pages} PDF pages, in {r.seconds:.1f} s\n"
+        f"  {rel(r.pdf)}\n  {rel(r.html[0])} (+{len(r.html) - 1} chapter pages)"
+    )
     return 0
 
 

@@ -1,13 +1,20 @@
-"""Summarise a training run directory — finished or stopped part-way — into a small JSON file the book can read.
+"""Summarise a training run directory — finished or stopped part-way — into a small JSON file the
+book can read.
 
     python tools/run_metrics.py RUN_DIR OUT.json [--note TEXT]
 
-Reads the run's last checkpoint (`RUN_DIR/ckpt`: weights and state.json with the evaluation history and samples),
-takes bits per character on the whole validation split from the run's `metrics.json` when the run finished (or
+Reads the run's last checkpoint (`RUN_DIR/ckpt`: weights and state.json with the evaluation history
+and samples),
+takes bits per character on the whole validation split from the run's `metrics.json` when the run
+finished (or
 measures it, when it was stopped), and writes the history, the final numbers, the model and
-training configs, the parameter count, tokens seen, wall time and hardware. The checkpoint itself stays out of git.
+training configs, the parameter count, tokens seen, wall time and hardware. The checkpoint itself
+stays out of git.
 """
-import argparse, json, sys
+
+import argparse
+import json
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -20,26 +27,47 @@ from minillm.train import evaluate_bpc, find_checkpoint, hardware, load_run
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run_dir"), ap.add_argument("out"), ap.add_argument("--note", default="")
-    ap.add_argument("--hardware", default="", help="what trained it, for a run stopped part-way (default: this machine)")
+    ap.add_argument(
+        "--hardware",
+        default="",
+        help="what trained it, for a run stopped part-way (default: this machine)",
+    )
     args = ap.parse_args(argv)
     run = Path(args.run_dir)
     ckpt = find_checkpoint(run / "ckpt")
-    if ckpt is None: sys.exit(f"{run}: no checkpoint in {run / 'ckpt'}")
+    if ckpt is None:
+        sys.exit(f"{run}: no checkpoint in {run / 'ckpt'}")
     state = json.loads((ckpt / "state.json").read_text())
     model, tok = load_run(run)
     done = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").exists() else {}
-    if done.get("history", [{}])[-1].get("step") == state["step"]:  # a finished run: its own final evaluation
+    if (
+        done.get("history", [{}])[-1].get("step") == state["step"]
+    ):  # a finished run: its own final evaluation
         final, hw = done["final"], done["hardware"]
     else:  # stopped part-way: evaluate its last checkpoint here
-        final, hw = evaluate_bpc(model, tok, train_val_split(load_corpus())[1]), args.hardware or hardware("cpu")
+        final, hw = (
+            evaluate_bpc(model, tok, train_val_split(load_corpus())[1]),
+            args.hardware or hardware("cpu"),
+        )
     cfg = state["train_config"]
-    out = {"note": args.note, "step": state["step"], "max_steps": cfg["max_steps"], "seconds": state["seconds"],
-           "tokens": state["step"] * cfg["batch_size"] * cfg["grad_accum"] * cfg["context_length"],
-           "n_params": sum(p.numel() for p in model.parameters()), "model_config": asdict(model.config),
-           "train_config": cfg, "history": state["history"], "final": final,
-           "hardware": hw, "torch": torch.__version__}
+    out = {
+        "note": args.note,
+        "step": state["step"],
+        "max_steps": cfg["max_steps"],
+        "seconds": state["seconds"],
+        "tokens": state["step"] * cfg["batch_size"] * cfg["grad_accum"] * cfg["context_length"],
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "model_config": asdict(model.config),
+        "train_config": cfg,
+        "history": state["history"],
+        "final": final,
+        "hardware": hw,
+        "torch": torch.__version__,
+    }
     atomic_write_text(Path(args.out), json.dumps(out, indent=1))
-    print(f"{args.out}: step {out['step']}/{out['max_steps']}, {final['bits_per_char']:.3f} bits/char")
+    print(
+        f"{args.out}: step {out['step']}/{out['max_steps']}, {final['bits_per_char']:.3f} bits/char"
+    )
 
 
 if __name__ == "__main__":
