@@ -67,9 +67,11 @@ def main():
         generate(model, prompt, n, temperature=0, use_cache=False),
     )
     print(
-        f"generation at batch 1: {n_params(cfg, non_embedding=True):,}-parameter model (non-embedding; "
-        f"{n_params(cfg):,} in all), context {cfg.context_length}, prompt {PROMPT} tokens, {n} new tokens, "
-        f"best of {args.repeat}; torch {torch.__version__}; load average {' '.join(f'{l:.2f}' for l in os.getloadavg())}"
+        f"generation at batch 1: {n_params(cfg, non_embedding=True):,}-parameter model "
+        f"(non-embedding; {n_params(cfg):,} in all), context {cfg.context_length}, "
+        f"prompt {PROMPT} tokens, {n} new tokens, best of {args.repeat}; "
+        f"torch {torch.__version__}; "
+        f"load average {' '.join(f'{l:.2f}' for l in os.getloadavg())}"
     )
     print(f"greedy output identical with and without the KV cache: {same}")
     print(
@@ -88,14 +90,16 @@ def main():
             for ctx, m in refs.items()
         }
         print(
-            f"{threads:>7d}{cached:>13,.0f}{uncached:>16,.0f}{cached / uncached:>15.1f}x{nano[1024]:>18,.0f}{nano[64]:>16,.0f}"
+            f"{threads:>7d}{cached:>13,.0f}{uncached:>16,.0f}{cached / uncached:>15.1f}x"
+            f"{nano[1024]:>18,.0f}{nano[64]:>16,.0f}"
         )
         verdicts.append(
             f"{threads} thread{'s' if threads > 1 else ''}: "
             f"{'met' if same and cached >= 2000 and cached >= 5 * uncached else 'NOT met'}"
         )
     print(
-        f"targets (identical output, >= 2,000 tokens/s with the cache, >= 5x the no-cache path): {'; '.join(verdicts)}"
+        "targets (identical output, >= 2,000 tokens/s with the cache, >= 5x the no-cache path): "
+        + "; ".join(verdicts)
     )
 
 

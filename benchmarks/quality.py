@@ -122,11 +122,13 @@ def main(
     threads: int = 2,  # torch CPU threads
     calibrate: int = 25,  # steps timed to choose max_steps
     char_baseline: bool = False,  # also train nanoGPT's char-level recipe with our code
-    char_iters: int = NANOGPT["iters"],
-):  # steps of that run (nanoGPT's recipe: 2,000)
+    char_iters: int = NANOGPT["iters"],  # steps of that run (nanoGPT's recipe: 2,000)
+):
     torch.set_num_threads(threads)
     print(
-        f"quality per compute: {threads} thread{'s' if threads > 1 else ''}, budget {budget:.0f} s; bits/char on the whole validation split\n"
+        f"quality per compute: {threads} thread{'s' if threads > 1 else ''}, "
+        f"budget {budget:.0f} s; "
+        "bits/char on the whole validation split\n"
     )
     rows = [
         (

@@ -78,8 +78,8 @@ def hf_vocab(tok) -> set[bytes]:
 def main(
     sizes: str = "512,1024,4096,8192",  # vocabulary sizes, special tokens included
     repeat: int = 3,  # timing runs per measurement; the best is reported
-    pattern: str = "gpt4",
-):  # the split pattern of both trainers: gpt4 or gpt2
+    pattern: str = "gpt4",  # the split pattern of both trainers: gpt4 or gpt2
+):
     if pattern not in PATTERNS:
         raise SystemExit(f"--pattern {pattern}: expected one of {sorted(PATTERNS)}")
     text = load_corpus()
@@ -92,14 +92,20 @@ def main(
     except ImportError:
         have_hf = False
     print(
-        f"corpus: {len(text):,} characters (train {len(train):,}, validation {len(val):,}); {os.cpu_count()} CPUs; "
-        f"HF tokenizers {tokenizers.__version__ if have_hf else 'not installed'}; split pattern: {pattern.upper()}"
+        f"corpus: {len(text):,} characters (train {len(train):,}, validation {len(val):,}); "
+        f"{os.cpu_count()} CPUs; "
+        f"HF tokenizers {tokenizers.__version__ if have_hf else 'not installed'}; "
+        f"split pattern: {pattern.upper()}"
     )
     print()
     print(
-        "training on the full corpus (time) and on the training split (compression: validation bytes per token)"
+        "training on the full corpus (time) and on the training split "
+        "(compression: validation bytes per token)"
     )
-    head = f"{'vocab':>6} {'ours s':>8} {'HF s':>8} {'ours B/tok':>11} {'HF B/tok':>9} {'diff':>7} {'same tokens':>12}"
+    head = (
+        f"{'vocab':>6} {'ours s':>8} {'HF s':>8} {'ours B/tok':>11} {'HF B/tok':>9} {'diff':>7} "
+        f"{'same tokens':>12}"
+    )
     print(head)
     print("-" * len(head))
     results = {}
@@ -113,7 +119,10 @@ def main(
             hf = hf_train(train, v, pattern)
             hf_bpt = val_bytes / len(hf.encode(val).ids)
             same = len(hf_vocab(hf) & set(ours.vocab.values()))
-            row += f" {hf_s:>8.2f} {ours_bpt:>11.3f} {hf_bpt:>9.3f} {ours_bpt / hf_bpt - 1:>+7.2%} {same:>5,}/{len(ours.vocab):<6,}"
+            row += (
+                f" {hf_s:>8.2f} {ours_bpt:>11.3f} {hf_bpt:>9.3f} {ours_bpt / hf_bpt - 1:>+7.2%} "
+                f"{same:>5,}/{len(ours.vocab):<6,}"
+            )
         else:
             row += f" {'-':>8} {ours_bpt:>11.3f} {'-':>9} {'-':>7} {'-':>12}"
         print(row, flush=True)
@@ -126,9 +135,11 @@ def main(
     ref, ref_s = best_time(lambda: tok.encode_reference(val), 1)
     assert ids == ref, "tiktoken and the reference encoder disagree"
     print(
-        f"encoding the validation split ({val_bytes / 1e6:.2f} MB) with vocab {tok.vocab_size:,}, one thread:"
+        f"encoding the validation split ({val_bytes / 1e6:.2f} MB) with vocab {tok.vocab_size:,}, "
+        "one thread:"
     )
     print(f"  tiktoken (BPETokenizer.encode)        {val_bytes / tt_s / 1e6:6.1f} MB/s")
     print(
-        f"  pure Python (encode_reference)        {val_bytes / ref_s / 1e6:6.2f} MB/s   same ids: {ids == ref}"
+        f"  pure Python (encode_reference)        {val_bytes / ref_s / 1e6:6.2f} MB/s   "
+        f"same ids: {ids == ref}"
     )

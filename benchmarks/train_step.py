@@ -271,8 +271,9 @@ def main():
         vocab_size=VOCAB, context_length=T, n_layer=N_LAYER, n_head=N_HEAD, n_embd=N_EMBD
     )
     print(
-        f"train step: batch {B} x {T}, {N_LAYER} layers, {N_HEAD} heads, {N_EMBD} dims, vocab {VOCAB}, "
-        f"{n_params(cfg):,} parameters, float32, {args.threads} threads, torch {torch.__version__}"
+        f"train step: batch {B} x {T}, {N_LAYER} layers, {N_HEAD} heads, {N_EMBD} dims, "
+        f"vocab {VOCAB}, {n_params(cfg):,} parameters, float32, {args.threads} threads, "
+        f"torch {torch.__version__}"
     )
     print(
         f"{args.rounds} rounds of {args.steps} steps, models taking turns; load average before: "
@@ -280,12 +281,14 @@ def main():
     )
     ref_best, ref_med = min(times[names[0]]), statistics.median(times[names[0]])
     print(
-        f"{'model':32s}{'best ms/step':>13s}{'median':>9s}{'tokens/s':>10s}{'time / reference: best':>24s}{'median':>8s}"
+        f"{'model':32s}{'best ms/step':>13s}{'median':>9s}{'tokens/s':>10s}"
+        f"{'time / reference: best':>24s}{'median':>8s}"
     )
     for name in names:
         best, med = min(times[name]), statistics.median(times[name])
         print(
-            f"{name:32s}{best:>13.1f}{med:>9.1f}{B * T / best * 1000:>10,.0f}{best / ref_best:>24.3f}{med / ref_med:>8.3f}"
+            f"{name:32s}{best:>13.1f}{med:>9.1f}{B * T / best * 1000:>10,.0f}"
+            f"{best / ref_best:>24.3f}{med / ref_med:>8.3f}"
         )
 
 

@@ -17,7 +17,10 @@ def chat_tok():
     "A small BPE tokenizer (with the chat special tokens) for the fine-tuning and alignment tests."
     from minillm.tokenizer import BPETokenizer
 
-    text = "Which novel is this passage from? Emma. Whom does Emma marry? Mr. Knightley. Mr. Darcy said so. Bath. "
+    text = (
+        "Which novel is this passage from? Emma. Whom does Emma marry? Mr. Knightley. "
+        "Mr. Darcy said so. Bath. "
+    )
     return BPETokenizer().train(text * 30, vocab_size=300)
 
 

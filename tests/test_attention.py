@@ -1,4 +1,5 @@
-"""The attention layer: equal to the explicit step-by-step versions (within 1e-6), causal, GQA, KV cache, RoPE, errors."""
+"""The attention layer: equal to the explicit step-by-step versions (within 1e-6), causal,
+GQA, KV cache, RoPE, errors."""
 
 import math
 

@@ -23,9 +23,12 @@ from minillm.data import (
 
 def _ebook(title: str, body: str) -> bytes:
     t = (
-        f"\ufeffThe Project Gutenberg eBook of {title}\r\n\r\nThis eBook is for the use of anyone...\r\n\r\n"
-        f"*** START OF THE PROJECT GUTENBERG EBOOK {title.upper()} ***\r\n\r\n{title.upper()}\r\n\r\n{body}\r\n\r\n"
-        f"*** END OF THE PROJECT GUTENBERG EBOOK {title.upper()} ***\r\n\r\nSection 1. General Terms of Use\r\n"
+        f"\ufeffThe Project Gutenberg eBook of {title}\r\n\r\n"
+        "This eBook is for the use of anyone...\r\n\r\n"
+        f"*** START OF THE PROJECT GUTENBERG EBOOK {title.upper()} ***\r\n\r\n"
+        f"{title.upper()}\r\n\r\n{body}\r\n\r\n"
+        f"*** END OF THE PROJECT GUTENBERG EBOOK {title.upper()} ***\r\n\r\n"
+        "Section 1. General Terms of Use\r\n"
     )
     return t.encode("utf-8")
 

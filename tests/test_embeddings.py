@@ -1,4 +1,5 @@
-"""Windows, loaders and position encodings: shapes, shifts, determinism, errors, and RoPE against Hugging Face Llama."""
+"""Windows, loaders and position encodings: shapes, shifts, determinism, errors, and RoPE
+against Hugging Face Llama."""
 
 import math
 
@@ -17,7 +18,7 @@ from minillm.embeddings import (
 )
 
 # --- windows
-# -------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("kind", ["numpy", "memmap", "torch"])
@@ -86,7 +87,7 @@ def test_tokens_must_be_a_1d_integer_array(tokens):
 
 
 # --- loaders
-# -------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------
 
 
 def _batches(loader):
@@ -145,7 +146,7 @@ def test_random_batch():
 
 
 # --- sinusoidal
-# ----------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------
 
 
 def test_sinusoidal_matches_the_formula():
@@ -165,7 +166,7 @@ def test_sinusoidal_matches_the_formula():
 
 
 # --- RoPE
-# ----------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------
 
 
 def _llama(head_dim, theta, T):

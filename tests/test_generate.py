@@ -1,4 +1,5 @@
-"""Generation: the sampling policy, the loop with and without the KV cache, seeds, stop tokens, cropping, streaming."""
+"""Generation: the sampling policy, the loop with and without the KV cache, seeds, stop
+tokens, cropping, streaming."""
 
 
 import pytest

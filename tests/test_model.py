@@ -1,4 +1,5 @@
-"""The model: config validation, both families, counts against the real model, KV cache, Hugging Face interop."""
+"""The model: config validation, both families, counts against the real model, KV cache,
+Hugging Face interop."""
 
 import json
 import math

@@ -233,7 +233,8 @@ def test_special_tokens_rules(tok):
     for enc in (tok.encode, tok.encode_reference):
         with pytest.raises(
             ValueError,
-            match=r"special token '<\|user\|>' \(at character 3\), which is not allowed.*allowed_special",
+            match=r"special token '<\|user\|>' \(at character 3\), "
+            r"which is not allowed.*allowed_special",
         ):
             enc("hi <|user|>")
         with pytest.raises(
