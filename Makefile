@@ -12,7 +12,7 @@ all: book
 
 help:
 	@echo "make book    render book/minillm.pdf and book/index.html from the notebooks (no execution)"
-	@echo "make test    unit tests + every notebook cell re-executed and compared (nbval)"
+	@echo "make test    ruff, unit tests + every notebook cell re-executed and compared (nbval)"
 	@echo "make export  regenerate minillm/ from nbs/ (nbdev-export)"
 	@echo "make clean-nbs  strip notebook metadata (nbdev-clean) before committing"
 
@@ -49,9 +49,13 @@ book: $(STAMP) export
 # nbval: every code cell is re-executed in a fresh kernel and its outputs compared with the committed ones.
 # Two notebooks run at once on two cores: one math thread each, since oversubscribed PyTorch threads spin and
 # slow everything down many times over (outputs do not depend on the thread count).
-test: $(STAMP) corpus models
-	OMP_NUM_THREADS=$(if $(filter 1,$(JOBS)),2,1) $(PY) -m pytest -q -n $(JOBS) --dist loadscope tests nbs --nbval --nbval-current-env \
-	  --nbval-sanitize-with nbs/sanitize.cfg
+test: $(STAMP)
+	@set -e; t=$$SECONDS; $(MAKE) --no-print-directory models; \
+	  echo "make test: corpus and models ready after $$((SECONDS - t)) s"; t=$$SECONDS; \
+	  $(VENV)/bin/ruff check --quiet .; echo "make test: ruff clean ($$((SECONDS - t)) s)"; t=$$SECONDS; \
+	  OMP_NUM_THREADS=$(if $(filter 1,$(JOBS)),2,1) $(PY) -m pytest -q -n $(JOBS) --dist loadscope tests nbs \
+	    --nbval --nbval-current-env --nbval-sanitize-with nbs/sanitize.cfg; \
+	  echo "make test: unit tests and notebooks took $$((SECONDS - t)) s"
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -n $(JOBS) tests
