@@ -3,17 +3,13 @@
 Two fixes make nbval work on notebooks that `nbdev-clean` has cleaned:
 
 1. nbdev-clean sets every cell's `execution_count` to null. nbval treats such a cell as "unrun" and
-   fails with
-   "Unrun reference cell has outputs" (or silently skips the comparison). We give every collected
-   cell a non-null
-   count, so that every stored output is compared. This patches nbval internals, so nbval is pinned
-   exactly in
-   requirements-dev.txt.
+   fails with "Unrun reference cell has outputs" (or silently skips the comparison). We give every
+   collected cell a non-null count, so that every stored output is compared. This patches nbval
+   internals, so nbval is pinned exactly in requirements-dev.txt.
 2. nbval ignores nbdev's `#| eval: false` and `#| notest` directives. We mark those cells skipped.
 
 Everything a notebook needs to be deterministic (seeds, thread counts) is done in the notebook
-itself, so that a
-reader who runs it by hand gets the same outputs.
+itself, so that a reader who runs it by hand gets the same outputs.
 """
 
 import re

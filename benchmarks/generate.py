@@ -2,23 +2,17 @@
 cache, beside nanoGPT's.
 
 The model of issue 4: the 0.8 M-parameter character model (4 layers, 4 heads, 128 dimensions, 81
-characters; 803,712
-parameters without the position table, as nanoGPT counts), untrained (speed does not depend on the
-weights), with a
-context of 1,024 so that the prompt and 512 new tokens fit. The reference is nanoGPT's `generate`
-(no cache: each
-step runs the model on the whole text) on the same architecture, re-implemented in
-`benchmarks/train_step.py`; we
-time it both with the same context of 1,024 and with the context of 64 of the training-step
-benchmark, where it
-crops the text to 64 tokens and each step is cheaper.
+characters; 803,712 parameters without the position table, as nanoGPT counts), untrained (speed does
+not depend on the weights), with a context of 1,024 so that the prompt and 512 new tokens fit. The
+reference is nanoGPT's `generate` (no cache: each step runs the model on the whole text) on the same
+architecture, re-implemented in `benchmarks/train_step.py`; we time it both with the same context of
+1,024 and with the context of 64 of the training-step benchmark, where it crops the text to 64
+tokens and each step is cheaper.
 
 Ours decodes greedily (`temperature=0`); nanoGPT's `generate` always samples (its per-step cost is
-the same forward
-pass). Each measurement is the best of `--repeat` runs (the machine is shared: the best run is the
-least disturbed),
-at each thread count of `--threads`. We also check that greedy output is identical with and without
-the cache.
+the same forward pass). Each measurement is the best of `--repeat` runs (the machine is shared: the
+best run is the least disturbed), at each thread count of `--threads`. We also check that greedy
+output is identical with and without the cache.
 
     .venv/bin/python benchmarks/generate.py [--new-tokens 512] [--repeat 3] [--threads 1,2]
 """

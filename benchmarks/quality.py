@@ -2,32 +2,23 @@
 CPU threads.
 
 The reference is nanoGPT's documented CPU recipe (character-level Shakespeare config on our Austen
-text: 4 layers,
-4 heads, 128 wide, context 64, batch 12, 2,000 iterations, no dropout, `--compile=False
---eval_iters=20`), run with
-nanoGPT's own `train.py` on this machine type: 116 s, validation loss 1.686 nats/char = 2.43
-bits/char. That number
-is a recorded measurement, not re-run here (nanoGPT is not a dependency).
+text: 4 layers, 4 heads, 128 wide, context 64, batch 12, 2,000 iterations, no dropout,
+`--compile=False --eval_iters=20`), run with nanoGPT's own `train.py` on this machine type: 116 s,
+validation loss 1.686 nats/char = 2.43 bits/char. That number is a recorded measurement, not re-run
+here (nanoGPT is not a dependency).
 
 Ours: the `austen-tiny` preset (BPE-1024, 4 layers of 128, context 128, batch 16, warmup + cosine)
-trained from
-scratch for as many steps as fit the budget. The step time is calibrated first on a throwaway copy
-of the model
-(those seconds count against the budget), then `max_steps` is set so that calibration + training end
-within it, and
-the learning-rate schedule is laid out over exactly those steps (the mean step time of the
-calibration, with 5% to
-spare: the median fell about 10% short of the loop's real pace). Bits/char are measured by
-`evaluate_bpc` on the
-whole validation split (every token once), after the clock has stopped. The target is ≤ 2.10
-bits/char.
+trained from scratch for as many steps as fit the budget. The step time is calibrated first on a
+throwaway copy of the model (those seconds count against the budget), then `max_steps` is set so
+that calibration + training end within it, and the learning-rate schedule is laid out over exactly
+those steps (the mean step time of the calibration, with 5% to spare: the median fell about 10%
+short of the loop's real pace). Bits/char are measured by `evaluate_bpc` on the whole validation
+split (every token once), after the clock has stopped. The target is ≤ 2.10 bits/char.
 
 With `--char-baseline`, our model also trains nanoGPT's char-level recipe for its 2,000 iterations
-(same shape,
-batch, context, learning rate 1e-3 decaying to 1e-4 after 100 warmup steps), to separate the
-tokenizer's share of the
-gain from the training loop's. The machine is shared: a busy CPU means fewer steps in the budget,
-and a worse score.
+(same shape, batch, context, learning rate 1e-3 decaying to 1e-4 after 100 warmup steps), to
+separate the tokenizer's share of the gain from the training loop's. The machine is shared: a busy
+CPU means fewer steps in the budget, and a worse score.
 
     .venv/bin/python benchmarks/quality.py [--budget 116] [--threads 2] [--calibrate 25]
     [--char-baseline [--char-iters 2000]]
@@ -71,9 +62,8 @@ def step_seconds(model, tokens, cfg: TrainConfig, steps: int) -> float:
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
-    return float(
-        np.mean(times)
-    )  # the mean, not the median: the loop pays for its slow steps too (the median fell ~10% short)
+    # the mean, not the median: the loop pays for its slow steps too (the median fell ~10% short)
+    return float(np.mean(times))
 
 
 def run(preset: dict, budget: float | None, calibrate: int, max_steps: int | None = None) -> dict:
@@ -84,17 +74,15 @@ def run(preset: dict, budget: float | None, calibrate: int, max_steps: int | Non
         np.array(tok.encode(train_text), dtype=dt),
         np.array(tok.encode(val_text), dtype=dt),
     )
-    t0 = (
-        time.perf_counter()
-    )  # the clock starts: model, calibration and training count against the budget
+    # the clock starts: model, calibration and training count against the budget
+    t0 = time.perf_counter()
     base = TrainConfig(**preset.train)
     torch.manual_seed(base.seed)
     model = GPT(GPTConfig(**preset.model, vocab_size=tok.vocab_size))
     if max_steps is None:
         per_step = step_seconds(model, train_ids, base, calibrate)
-        left = (
-            budget - (time.perf_counter() - t0) - base.eval_batches * per_step / 3
-        )  # the final estimate_loss
+        # the final estimate_loss
+        left = budget - (time.perf_counter() - t0) - base.eval_batches * per_step / 3
         max_steps = max(10, int(0.95 * left / per_step))  # 5% for jitter
     cfg = TrainConfig(
         **{

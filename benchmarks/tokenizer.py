@@ -2,15 +2,11 @@
 pure-Python reference.
 
 Both trainers see the same text, the same split pattern and the same vocabulary size, special tokens
-included. With
-`--pattern gpt4` (our default) HF gets GPT-4's pattern as a `Split` pre-tokenizer followed by
-`ByteLevel` without its
-own regex; with `--pattern gpt2` HF uses its standard `ByteLevel` pre-tokenizer, whose regex is
-GPT-2's.
-Time is wall-clock, best of `--repeat` runs (the machine is shared: the best run is the least
-disturbed one).
-Compression is bytes per token on the validation split, for tokenizers trained on the training
-split.
+included. With `--pattern gpt4` (our default) HF gets GPT-4's pattern as a `Split` pre-tokenizer
+followed by `ByteLevel` without its own regex; with `--pattern gpt2` HF uses its standard
+`ByteLevel` pre-tokenizer, whose regex is GPT-2's. Time is wall-clock, best of `--repeat` runs (the
+machine is shared: the best run is the least disturbed one). Compression is bytes per token on the
+validation split, for tokenizers trained on the training split.
 
     .venv/bin/python benchmarks/tokenizer.py [--sizes 512,1024,4096,8192] [--repeat 3] [--pattern
     gpt4|gpt2]
@@ -47,9 +43,8 @@ def hf_train(text: str, vocab_size: int, pattern: str):
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
-    if (
-        pattern == "gpt2"
-    ):  # HF's standard byte-level BPE: ByteLevel splits with GPT-2's regex itself
+    # HF's standard byte-level BPE: ByteLevel splits with GPT-2's regex itself
+    if pattern == "gpt2":
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     else:
         tok.pre_tokenizer = pre_tokenizers.Sequence(

@@ -2,29 +2,22 @@
 the same config.
 
 The config of issue 4: batch 12 x 64 tokens, 4 layers, 4 heads, 128 dimensions, the character
-vocabulary of the
-corpus (81), float32, dropout 0, 2 threads. nanoGPT is not a dependency and is not downloaded:
-`NanoGPT` below is a
-faithful minimal re-implementation of the model in Karpathy's nanoGPT `model.py` (MIT licence) — one
-`c_attn` Linear
-for q, k and v, `F.scaled_dot_product_attention(is_causal=True)`, `nn.GELU()` (exact), its LayerNorm
-with a bias
+vocabulary of the corpus (81), float32, dropout 0, 2 threads. nanoGPT is not a dependency and is not
+downloaded: `NanoGPT` below is a faithful minimal re-implementation of the model in Karpathy's
+nanoGPT `model.py` (MIT licence) — one `c_attn` Linear for q, k and v,
+`F.scaled_dot_product_attention(is_causal=True)`, `nn.GELU()` (exact), its LayerNorm with a bias
 through `F.layer_norm`, learned positions through `nn.Embedding`, tied embeddings, the same
-initialisation — and its
-optimizer as `configure_optimizers` builds it on a CPU: AdamW in two parameter groups, not fused
-(nanoGPT fuses only
-on CUDA). It is the reference, labelled as such in the output.
+initialisation — and its optimizer as `configure_optimizers` builds it on a CPU: AdamW in two
+parameter groups, not fused (nanoGPT fuses only on CUDA). It is the reference, labelled as such in
+the output.
 
 Ours: `minillm.model.GPT`, gpt2 family (the same architecture: LayerNorm, exact GELU, biases, tied
-embeddings), with
-`torch.optim.AdamW(fused=True)`; and the same without biases (nanoGPT's `train.py` also defaults to
-`bias=False`).
+embeddings), with `torch.optim.AdamW(fused=True)`; and the same without biases (nanoGPT's `train.py`
+also defaults to `bias=False`).
 
 Method: all models take turns, `--rounds` rounds of `--steps` steps each after a warm-up, on the
-same batch, so that
-they see the same machine load; we report the best round (the least disturbed: the machine is
-shared) and the
-median round, and the speed-up of ours over the reference for both.
+same batch, so that they see the same machine load; we report the best round (the least disturbed:
+the machine is shared) and the median round, and the speed-up of ours over the reference for both.
 
     .venv/bin/python benchmarks/train_step.py [--rounds 20] [--steps 5] [--threads 2] [--scratch]
 """

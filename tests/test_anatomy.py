@@ -4,12 +4,10 @@ A chapter notebook `nbs/NN_*.ipynb` (NN = its chapter number):
 - opens with why it matters and "In this chapter you will" followed by a list of 3-6 goals, before
   its first section;
 - ends with `## Summary` (a bulleted list of the concepts), `## Test yourself` (a numbered list of
-  at least five
-  questions) and `## Exercises` (at least three, each a paragraph starting `**Exercise N.k**`), in
-  that order;
+  at least five questions) and `## Exercises` (at least three, each a paragraph starting `**Exercise
+  N.k**`), in that order;
 - has a worked solution for every exercise in an appendix notebook (`### Exercise N.k`, followed by
-  at least one
-  code cell that nbval runs) and an answer for every question (under a heading labelled
+  at least one code cell that nbval runs) and an answer for every question (under a heading labelled
   `#sec-answers-NN-quiz`);
 - refers to each of its figures by number (`@fig-...`) at least once;
 - names no `@sec-` label inside code (a comment there is not rendered as a link);

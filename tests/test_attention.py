@@ -1,5 +1,5 @@
-"""The attention layer: equal to the explicit step-by-step versions (within 1e-6), causal,
-GQA, KV cache, RoPE, errors."""
+"""The attention layer: equal to the explicit step-by-step versions (within 1e-6), causal, GQA, KV
+cache, RoPE, errors."""
 
 import math
 
@@ -18,9 +18,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 def loop_attention(m: CausalSelfAttention, x, rope=None):
     """The slowest, plainest causal multi-head attention, in float64: one query at a time, softmax
-    by hand, the GQA key/
-    value head of query head h is h // (n_head / n_kv_head). Shares only the weights with the
-    module."""
+    by hand, the GQA key/ value head of query head h is h // (n_head / n_kv_head). Shares only the
+    weights with the module."""
     B, T, C = x.shape
     W, b = m.c_attn.weight.double(), m.c_attn.bias.double() if m.c_attn.bias is not None else 0
     qkv = x.double() @ W.T + b
@@ -131,12 +130,10 @@ def test_kv_cache_equals_full_forward(x, n_kv_head, use_rope):
         full = m(x, rope=rope(0, 11))
         cache = KVCache(2, n_kv_head, 16, 8)
         out = [m(x[:, :4], rope=rope(0, 4), cache=cache)]  # prefill
-        out += [
-            m(x[:, t : t + 1], rope=rope(t, t + 1), cache=cache) for t in range(4, 7)
-        ]  # one token at a time
-        out += [
-            m(x[:, 7:], rope=rope(7, 11), cache=cache)
-        ]  # a chunk after a cached prefix: rectangular mask
+        # one token at a time
+        out += [m(x[:, t : t + 1], rope=rope(t, t + 1), cache=cache) for t in range(4, 7)]
+        # a chunk after a cached prefix: rectangular mask
+        out += [m(x[:, 7:], rope=rope(7, 11), cache=cache)]
     assert cache.pos == 11 and cache.k.shape == (2, n_kv_head, 16, 8)
     torch.testing.assert_close(torch.cat(out, dim=1), full, **TOL)
 

@@ -1,6 +1,5 @@
 """The corpus loader: the Debian source, the Gutenberg source against a local HTTP server, the
-cache, and errors;
-the atomic file writes every module uses."""
+cache, and errors; the atomic file writes every module uses."""
 
 import http.server
 import json
@@ -76,17 +75,15 @@ def test_gutenberg_source_strips_licence_and_caches(gutenberg, cache, monkeypatc
     assert list(novels) == [k for k, *_ in NOVELS] and len(seen) == 6
     assert novels["emma"] == "EMMA\n\nBy Jane Austen\n\nChapter 1\n\nIt is a truth of emma."
     assert (cache / "austen-gutenberg.json").exists()
-    assert (
-        load_novels("gutenberg") == novels and len(seen) == 6
-    )  # second call: from the cache, no request
+    # second call: from the cache, no request
+    assert load_novels("gutenberg") == novels and len(seen) == 6
     assert load_corpus("gutenberg").count("\n\n\n") == 5
 
 
 def test_gutenberg_wrong_book_refused(gutenberg, cache, monkeypatch):
     url, _, files = gutenberg
-    files["/cache/epub/158/pg158.txt"] = _ebook(
-        "Persuasion", "By Jane Austen"
-    )  # Emma's id serves another book
+    # Emma's id serves another book
+    files["/cache/epub/158/pg158.txt"] = _ebook("Persuasion", "By Jane Austen")
     monkeypatch.setenv("MINILLM_GUTENBERG_URL", url)
     with pytest.raises(CorpusUnavailable, match="Emma"):
         load_novels("gutenberg")
@@ -99,9 +96,8 @@ def test_strip_gutenberg_needs_markers():
 
 
 def test_nothing_reachable_names_both_ways(cache, monkeypatch):
-    monkeypatch.setenv(
-        "MINILLM_GUTENBERG_URL", "http://127.0.0.1:9"
-    )  # discard port: connection refused
+    # discard port: connection refused
+    monkeypatch.setenv("MINILLM_GUTENBERG_URL", "http://127.0.0.1:9")
     monkeypatch.setattr(
         data,
         "novels_from_debian",

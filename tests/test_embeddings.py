@@ -1,5 +1,5 @@
-"""Windows, loaders and position encodings: shapes, shifts, determinism, errors, and RoPE
-against Hugging Face Llama."""
+"""Windows, loaders and position encodings: shapes, shifts, determinism, errors, and RoPE against
+Hugging Face Llama."""
 
 import math
 
@@ -35,9 +35,8 @@ def test_windows_shift_and_stride(kind, tmp_path):
         assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape == (4,)
         assert x.tolist() == list(range(100 + 3 * i, 104 + 3 * i))
         assert y.tolist() == list(range(101 + 3 * i, 105 + 3 * i))  # the next token of each input
-    assert (
-        ds[-1][1][-1].item() == 119
-    )  # last window: 115..118 -> 116..119 (120 would need a 7th window)
+    # last window: 115..118 -> 116..119 (120 would need a 7th window)
+    assert ds[-1][1][-1].item() == 119
     with pytest.raises(IndexError, match="6 windows"):
         ds[6]
 
@@ -96,9 +95,8 @@ def _batches(loader):
 
 def test_loader_shapes_and_drop_last():
     tokens = np.arange(1000, dtype=np.uint16)
-    ld = make_loader(
-        tokens, batch_size=8, context_length=16
-    )  # (1000 - 17) // 16 + 1 = 62 windows -> 7 full batches
+    # (1000 - 17) // 16 + 1 = 62 windows -> 7 full batches
+    ld = make_loader(tokens, batch_size=8, context_length=16)
     bs = _batches(ld)
     assert len(bs) == len(ld) == 7 and all(x.shape == y.shape == (8, 16) for x, y in bs)
     assert all(torch.equal(x[:, 1:], y[:, :-1]) for x, y in bs)
@@ -132,9 +130,8 @@ def test_random_batch():
     assert x.shape == y.shape == (64, 8) and x.dtype == y.dtype == torch.int64
     assert x.is_contiguous() and y.is_contiguous()  # so that y.view(-1) works in a loss
     assert torch.equal(y, x + 1) and torch.equal(x - x[:, :1], torch.arange(8).expand(64, 8))
-    assert (
-        x.min() >= 0 and y.max() <= 49 and len(set(x[:, 0].tolist())) > 20
-    )  # every offset possible, up to the last
+    # every offset possible, up to the last
+    assert x.min() >= 0 and y.max() <= 49 and len(set(x[:, 0].tolist())) > 20
     x2, y2 = random_batch(tokens, 64, 8, torch.Generator().manual_seed(0))
     assert torch.equal(x, x2) and torch.equal(y, y2)
     xs, _ = random_batch(np.arange(9), 200, 8, torch.Generator().manual_seed(0))
@@ -197,17 +194,15 @@ def test_rope_tables_and_rotation_match_hf_llama(head_dim, theta):
     hf_cos, hf_sin = _llama(head_dim, theta, T)(torch.zeros(1), torch.arange(T)[None])  # (1, T, hs)
     cos, sin = rope_cos_sin(T, head_dim, theta)
     assert cos.shape == sin.shape == (T, head_dim) and cos.dtype == torch.float32
-    assert torch.equal(cos, hf_cos[0]) and torch.equal(
-        sin, hf_sin[0]
-    )  # the same float32 arithmetic: bit for bit
+    # the same float32 arithmetic: bit for bit
+    assert torch.equal(cos, hf_cos[0]) and torch.equal(sin, hf_sin[0])
     g = torch.Generator().manual_seed(0)
     q, k = (
         torch.randn(B, nh, T, head_dim, generator=g),
         torch.randn(B, nh, T, head_dim, generator=g),
     )
-    hq, hk = apply_rotary_pos_emb(
-        q, k, hf_cos, hf_sin
-    )  # HF: cos (B, T, hs), unsqueezed to (B, 1, T, hs)
+    # HF: cos (B, T, hs), unsqueezed to (B, 1, T, hs)
+    hq, hk = apply_rotary_pos_emb(q, k, hf_cos, hf_sin)
     assert torch.equal(apply_rope(q, cos, sin), hq) and torch.equal(apply_rope(k, cos, sin), hk)
     assert torch.equal(rotate_half(q), hf_rotate_half(q))
 

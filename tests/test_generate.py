@@ -1,6 +1,5 @@
-"""Generation: the sampling policy, the loop with and without the KV cache, seeds, stop
-tokens, cropping, streaming."""
-
+"""Generation: the sampling policy, the loop with and without the KV cache, seeds, stop tokens,
+cropping, streaming."""
 
 import pytest
 import torch
@@ -150,9 +149,8 @@ def test_stop_tokens():
         i = hits[0]
         assert row[: i + 1] == ref[: i + 1]  # the same text up to the stop token
         assert all(t == row[i] for t in row[i:])  # then the stop token, repeated
-    assert any(
-        row[-2] not in stops for row in out[:, 5:].tolist()
-    )  # it ended when the last row stopped
+    # it ended when the last row stopped
+    assert any(row[-2] not in stops for row in out[:, 5:].tolist())
 
 
 def test_stream_yields_one_token_per_step_lazily(prompt):
@@ -265,6 +263,5 @@ def test_stream_text_never_splits_a_character():
 
     pieces = list(stream_text(Script(), Bytes(), "a", 10, temperature=0, use_cache=False))
     assert pieces == ["é", "€", "é", "€"]
-    assert (
-        generate_text(Script(), Bytes(), "a", 9, temperature=0, use_cache=False) == "é€é\ufffd"
-    )  # 9 bytes: the last character cut in two
+    # 9 bytes: the last character cut in two
+    assert generate_text(Script(), Bytes(), "a", 9, temperature=0, use_cache=False) == "é€é\ufffd"

@@ -1,5 +1,5 @@
-"""The model: config validation, both families, counts against the real model, KV cache,
-Hugging Face interop."""
+"""The model: config validation, both families, counts against the real model, KV cache, Hugging
+Face interop."""
 
 import json
 import math
@@ -68,9 +68,8 @@ def test_family_defaults():
     g, l = GPTConfig(n_embd=128, n_head=4), GPTConfig(family="llama", n_embd=128, n_head=4)
     assert (g.bias, g.tie_weights, g.mlp_hidden, g.n_kv_head) == (True, True, 512, 4)
     assert (l.bias, l.tie_weights, l.mlp_hidden, l.n_kv_head) == (False, False, 384, 4)
-    assert (
-        GPTConfig(family="llama", bias=True, tie_weights=True).bias is True
-    )  # explicit values win
+    # explicit values win
+    assert GPTConfig(family="llama", bias=True, tie_weights=True).bias is True
 
 
 # ---------------------------------------------------------------- the model
@@ -78,9 +77,8 @@ def test_family_defaults():
 def test_forward_shapes_and_loss_at_init_is_ln_vocab(name, idx):
     torch.manual_seed(0)
     model = GPT(CONFIGS[name])
-    targets = torch.randint(
-        0, V, idx.shape, generator=torch.Generator().manual_seed(1)
-    )  # not the inputs: a tied
+    # not the inputs: a tied
+    targets = torch.randint(0, V, idx.shape, generator=torch.Generator().manual_seed(1))
     logits, loss = model(idx, targets)  # model starts out favouring the input token itself
     assert logits.shape == (2, 13, V) and loss.shape == ()
     assert abs(loss.item() - math.log(V)) < 0.05
@@ -355,9 +353,8 @@ def test_load_hf_spends_no_random_init_and_keeps_ties(name, dtype, hf_dirs):
     tensors = [*m.parameters(), *m.buffers()]
     assert not any(t.is_meta for t in tensors) and all(t.dtype == dtype for t in tensors)
     assert all(p.requires_grad and p.is_contiguous() for p in m.parameters())
-    if (
-        cfg.family == "llama"
-    ):  # computed, not loaded: the same tables as a model built the ordinary way
+    # computed, not loaded: the same tables as a model built the ordinary way
+    if cfg.family == "llama":
         ref = GPT(cfg).to(dtype)
         assert torch.equal(m.rope_cos, ref.rope_cos) and torch.equal(m.rope_sin, ref.rope_sin)
 

@@ -1,6 +1,5 @@
 """The three outputs of one source stay in sync: the package is what nbdev-export makes of the
-notebooks, and the
-committed notebooks are what nbdev-clean makes of them."""
+notebooks, and the committed notebooks are what nbdev-clean makes of them."""
 
 import filecmp
 import json

@@ -1,8 +1,6 @@
 """The tokenizers: the fast trainer against the naive one and against HF `tokenizers`, tiktoken
-against our reference
-encoder (the Austen validation text and arbitrary strings), files (ours, GPT-2's, tiktoken's) and
-their errors, token
-files, and bad input."""
+against our reference encoder (the Austen validation text and arbitrary strings), files (ours,
+GPT-2's, tiktoken's) and their errors, token files, and bad input."""
 
 import base64
 import json
@@ -237,9 +235,8 @@ def test_special_tokens_rules(tok):
             r"which is not allowed.*allowed_special",
         ):
             enc("hi <|user|>")
-        with pytest.raises(
-            ValueError, match=r"'<\|user\|>'"
-        ):  # allowing one special token does not allow the others
+        # allowing one special token does not allow the others
+        with pytest.raises(ValueError, match=r"'<\|user\|>'"):
             enc("<|endoftext|><|user|>", allowed_special={ENDOFTEXT})
     assert tok.encode("<|user|>", disallowed_special=()) == tok.encode_reference(
         "<|user|>", disallowed_special=()
@@ -262,8 +259,7 @@ def test_surrogates_as_tiktoken(tok):
 
 def test_letters_newer_than_tiktoken():
     """A letter of Unicode 17 (U+10940) is a letter to `regex`, not yet to tiktoken 0.14: the two
-    encoders may split
-    differently (documented), but both decode back to the text."""
+    encoders may split differently (documented), but both decode back to the text."""
     s = ("a\U00010940 " * 20).strip()
     t = BPETokenizer().train(s, 270, special_tokens=())
     for enc in (t.encode, t.encode_reference):
@@ -390,9 +386,8 @@ def test_save_load_round_trip(tmp_path, make):
 
 
 def test_vocab_file_is_readable(tmp_path):
-    t = BPETokenizer().train(
-        "the the the then", 259, special_tokens=[ENDOFTEXT]
-    )  # 'th' and 'he' tie: 'he' is smaller
+    # 'th' and 'he' tie: 'he' is smaller
+    t = BPETokenizer().train("the the the then", 259, special_tokens=[ENDOFTEXT])
     t.save(tmp_path / "t")
     lines = (tmp_path / "t.vocab").read_text().splitlines()
     assert lines[10] == "[\\u000a] 10" and lines[32] == "[ ] 32"
@@ -462,9 +457,8 @@ def _permuted_ranks(tok, seed=0):
 
 
 def test_tiktoken_file(tok, corpus, tmp_path, monkeypatch):
-    monkeypatch.setenv(
-        "TIKTOKEN_CACHE_DIR", ""
-    )  # tiktoken's loader must not cache our temporary files
+    # tiktoken's loader must not cache our temporary files
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")
     ranks = _permuted_ranks(tok)
     path = tmp_path / "austen.tiktoken"
     path.write_bytes(
@@ -486,9 +480,8 @@ def test_tiktoken_file(tok, corpus, tmp_path, monkeypatch):
         ids == oracle.encode(val, allowed_special="all") == ours.encode(val, allowed_special="all")
     )
     assert ours.decode(ids) == val and ours.vocab_size == 5001
-    again = load_tokenizer(
-        ours.save(tmp_path / "again")
-    )  # our .model file keeps the shuffled byte order
+    # our .model file keeps the shuffled byte order
+    again = load_tokenizer(ours.save(tmp_path / "again"))
     assert (
         "bytes identity" not in (tmp_path / "again.model").read_text()
         and again.encode(val, allowed_special="all") == ids
@@ -549,9 +542,8 @@ def test_gpt2_files(tok, corpus, tmp_path, monkeypatch):
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")
     enc_json, vocab_bpe = _write_gpt2(tok, tmp_path)
     ours = load_gpt2_files(enc_json, vocab_bpe, pattern=GPT2_SPLIT_PATTERN)
-    ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
-        str(vocab_bpe), str(enc_json)
-    )  # tiktoken's own reader
+    # tiktoken's own reader
+    ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(str(vocab_bpe), str(enc_json))
     assert {b: i for i, b in ours.vocab.items()} == ranks and ours.special_tokens == {
         ENDOFTEXT: 4091
     }
@@ -614,9 +606,8 @@ def test_gpt2_file_errors(tok, tmp_path, which, edit, line, msg):
 
 def test_encode_to_file(tok, corpus, tmp_path):
     text = corpus[1]
-    ids = encode_to_file(
-        tok, text, tmp_path / "val.bin", progress=False, piece_size=10_000
-    )  # about 40 pieces
+    # about 40 pieces
+    ids = encode_to_file(tok, text, tmp_path / "val.bin", progress=False, piece_size=10_000)
     assert (
         isinstance(ids, np.memmap) and ids.dtype == np.uint16 and ids.tolist() == tok.encode(text)
     )
@@ -687,9 +678,8 @@ def test_uint32_when_needed(tmp_path):
 
 def test_load_or_train_tokenizer(tmp_path, monkeypatch, corpus):
     monkeypatch.setenv("MINILLM_CACHE", str(tmp_path))
-    monkeypatch.setattr(
-        "minillm.tokenizer.load_corpus", lambda: corpus[0] + corpus[1]
-    )  # no copy of the cache needed
+    # no copy of the cache needed
+    monkeypatch.setattr("minillm.tokenizer.load_corpus", lambda: corpus[0] + corpus[1])
     t1 = load_or_train_tokenizer(512)
     (cached,) = (tmp_path / "tokenizers").glob("bpe512-*.model")
     t2 = load_or_train_tokenizer(512)

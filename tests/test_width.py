@@ -1,16 +1,12 @@
 """One line width for the book's code box, the notebooks and the library.
 
 The PDF sets code in DejaVu Sans Mono at `CODE_PT` points in a box `CODE_BOX_MM` wide
-(tools/book/book.typ: the
-text width plus 8 mm into each margin, less the box's inner padding). A DejaVu Sans Mono glyph is
-0.602 em wide, so
-the box holds `floor(box / (0.602 * size))` columns; `WIDTH` (ruff's line-length in pyproject.toml)
-must not exceed
-it. Every notebook code line, every line of our Python files, and every line a cell printed fits in
-`WIDTH`
-columns, so nothing wraps on the page. Wide results are tables (a DataFrame or Markdown table),
-which the renderer
-turns into real tables, so they are not counted as printed lines.
+(tools/book/book.typ: the text width plus 8 mm into each margin, less the box's inner padding). A
+DejaVu Sans Mono glyph is 0.602 em wide, so the box holds `floor(box / (0.602 * size))` columns;
+`WIDTH` (ruff's line-length in pyproject.toml) must not exceed it. Every notebook code line, every
+line of our Python files, and every line a cell printed fits in `WIDTH` columns, so nothing wraps on
+the page. Wide results are tables (a DataFrame or Markdown table), which the renderer turns into
+real tables, so they are not counted as printed lines.
 """
 
 import json
