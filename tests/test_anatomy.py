@@ -56,7 +56,7 @@ def test_chapter_anatomy(path):
     intro = []
     for s in md:
         if re.search(r"^## ", s, re.M):
-            intro.append(s.split("\n## ")[0])
+            intro.append(re.split(r"^## ", s, flags=re.M)[0])
             break
         intro.append(s)
     intro = "\n\n".join(intro)
