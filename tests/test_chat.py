@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from minillm.chat import chat_loop, fit_history, prompt_ids, reply, split_turns
+from minillm.chat import HELP, chat_loop, fit_history, prompt_ids, reply, split_turns
 from minillm.tasks import encode_chat
 from minillm.train import load_run, pretrained, run_dir
 
@@ -83,13 +83,12 @@ def test_fit_history_refuses_a_message_that_cannot_fit(model_tok):
     n = len(tok.encode(long))
     with pytest.raises(
         ValueError,
-        match=rf"message too long: {n} tokens, and at most 77 fit \(128 in the context - 48 kept for the reply",
+        match=rf"message too long: {n} tokens, at most 77 fit "
+        r"\(context 128 - reply 48 - template 3\)",
     ):
         fit_history(tok, [U("hi"), A("hello"), U(long)], 128, 48)
     n_sys = n_tokens(tok, [SYS])
-    with pytest.raises(
-        ValueError, match=rf"at most {77 - n_sys} fit .* - {n_sys} of system message"
-    ):
+    with pytest.raises(ValueError, match=rf"at most {77 - n_sys} fit .* - system {n_sys}\)"):
         fit_history(tok, [SYS, U(long)], 128, 48)
     fit_history(tok, [U("x" * 10)], 128, 48)  # short is fine
 
@@ -193,14 +192,14 @@ def test_chat_loop_scripted_session(model_tok):
         ],
     )
     lines = out.splitlines()
-    assert lines[0].startswith("minillm chat: a context of 128 tokens. /reset clears the history")
+    assert lines[0] == "minillm chat: a context of 128 tokens." and lines[1] == HELP
     assert (
-        "refused: the message contains '<|end|>', a special token that only the chat template writes"
-        in lines
+        "refused: the message contains '<|end|>', "
+        "a special token that only the chat template writes" in lines
     )
     assert any(
         l.startswith("refused: message too long: ")
-        and "at most 113 fit (128 in the context - 12 kept for the reply - 3 of chat template)" in l
+        and "at most 113 fit (context 128 - reply 12 - template 3)" in l
         for l in lines
     )
     assert "unknown command '/frobnicate'" in out and "(history cleared)" in lines

@@ -1,8 +1,7 @@
 """Evaluation (minillm.evaluate) on a tiny random model: choice scores are exact log-probability
-sums, however the
-context is cropped or the choices batched; accuracies of an oracle and an anti-oracle; greedy chat
-answers stop at
-<|end|>; the table's layout; bad input is refused with the value named."""
+sums, however the context is cropped or the choices batched; accuracies of an oracle and an
+anti-oracle; greedy chat answers stop at <|end|>; the table's layout; bad input is refused with the
+value named."""
 
 import math
 import random
@@ -17,6 +16,7 @@ from minillm.evaluate import (
     confidence_interval,
     format_table,
     multiple_choice_accuracy,
+    paired_standard_error,
     score_choices,
     standard_error,
     task_accuracy,
@@ -25,7 +25,10 @@ from minillm.model import GPT, GPTConfig
 from minillm.tokenizer import BPETokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-TEXT = "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want of a wife. "
+TEXT = (
+    "It is a truth universally acknowledged, that a single man in possession of a good fortune, "
+    "must be in want of a wife. "
+)
 
 
 @pytest.fixture(scope="module")
@@ -127,12 +130,18 @@ def test_accuracy_of_an_oracle_and_an_anti_oracle(model, tok):
     best = multiple_choice_accuracy(model, tok, labelled(max))
     assert best["acc"] == 1.0 and best["n"] == 12 and best["chance"] == 0.25
     assert multiple_choice_accuracy(model, tok, labelled(min))["acc"] == 0.0
-    assert set(multiple_choice_accuracy(model, tok, labelled(max), pmi=False)) == {
-        "acc",
-        "acc_norm",
-        "n",
-        "chance",
-    }
+    no_pmi = multiple_choice_accuracy(model, tok, labelled(max), pmi=False)
+    assert set(no_pmi) == {"acc", "acc_norm", "correct", "n", "chance"}
+    assert set(no_pmi["correct"]) == {"acc", "acc_norm"} and no_pmi["correct"]["acc"] == [1] * 12
+
+
+def test_paired_standard_error():
+    a, b = [1, 1, 0, 0, 1, 0, 1, 1], [1, 1, 1, 0, 1, 0, 1, 0]
+    d = [y - x for x, y in zip(a, b)]  # 0, 0, 1, 0, 0, 0, 0, -1: mean 0, variance 2/8
+    assert paired_standard_error(a, b) == pytest.approx(math.sqrt(2 / 8 / 8))
+    assert sum(d) == 0 and paired_standard_error(a, a) == 0.0
+    with pytest.raises(ValueError, match="same length"):
+        paired_standard_error([1], [1, 0])
 
 
 def test_questions_are_asked_in_arc_format(model, tok):
@@ -153,6 +162,9 @@ def test_standard_error_and_wilson_interval():
         and 0.2 < confidence_interval(0.0, 12)[1] < 0.3
     )
     assert confidence_interval(1.0, 5)[1] == pytest.approx(1.0)
+    for n in range(1, 300):  # the ends never leave [0, 1], not even by rounding
+        assert confidence_interval(0.0, n)[0] == 0.0 and confidence_interval(1.0, n)[1] == 1.0
+        assert confidence_interval(0.0, n)[1] == pytest.approx(1.96**2 / (n + 1.96**2))
     with pytest.raises(ValueError, match="p=1.5"):
         standard_error(1.5, 10)
     with pytest.raises(ValueError, match="n=0"):
@@ -222,11 +234,23 @@ def test_format_table():
         ),
         dict(benchmark="code", metric="pass@1", value=0.0),
     ]
+    rows[0]["interval"] = (0.2464, 0.3711)
     lines = format_table(rows).splitlines()
     assert lines[0].split() == list(COLUMNS) and set(lines[1]) == {"-", " "}
-    assert lines[2].split() == ["continuations", "acc_norm", "0.305", "0.033", "0.250", "200"]
-    assert lines[3].split() == ["validation", "text", "perplexity", "42.963", "-", "1024", "147819"]
-    assert lines[4].split() == ["code", "pass@1", "0.000", "-", "-", "-"]
+    assert lines[2].split() == [
+        "continuations", "acc_norm", "0.305", "0.033", "[0.246,", "0.371]", "0.250", "200"
+    ]  # fmt: skip
+    assert lines[3].split() == [
+        "validation",
+        "text",
+        "perplexity",
+        "42.963",
+        "-",
+        "-",
+        "1024",
+        "147819",
+    ]
+    assert lines[4].split() == ["code", "pass@1", "0.000", "-", "-", "-", "-"]
     assert (
         lines[0].index("value") + 5 == lines[2].index("0.305") + 5 == lines[3].index("42.963") + 6
     )  # right-aligned

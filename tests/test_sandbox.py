@@ -1,14 +1,11 @@
 """The code sandbox and pass@k: every hostile completion is contained and scored as a failure while
-the harness
-survives; canonical solutions pass and wrong ones fail; pass@k agrees with counting subsets.
+the harness survives; canonical solutions pass and wrong ones fail; pass@k agrees with counting
+subsets.
 
 Attacks run with the guard (the in-process prelude) and without it. Without it, only the operating
-system
-contains them, so those runs are skipped on a machine where the layer that stops an attack is
-missing
-(`sandbox_info()`: not root, so no separate user; no user namespaces). Those runs are not skipped on
-the build
-machine, which runs as root with namespaces."""
+system contains them, so those runs are skipped on a machine where the layer that stops an attack is
+missing (`sandbox_info()`: not root, so no separate user; no user namespaces). Those runs are not
+skipped on a machine that runs the tests as root with namespaces."""
 
 import itertools
 import math
@@ -79,7 +76,7 @@ def _attack(completion: str, guard: bool, timeout: float = 2.0, **limits):
 
 
 # --- the problems
-# ---------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 
 
 def test_canonical_solutions_score_pass_at_1_of_one():
@@ -114,7 +111,8 @@ def test_return_none_fails_every_problem(problem):
         ("title_case", "    return title.title()\n"),  # capitalises "and"
         (
             "merge_intervals",
-            "    merged = []\n    for s, e in sorted(intervals):\n        if merged and s < merged[-1][1]:\n"
+            "    merged = []\n    for s, e in sorted(intervals):\n"
+            "        if merged and s < merged[-1][1]:\n"
             "            merged[-1] = (merged[-1][0], max(merged[-1][1], e))\n        else:\n"
             "            merged.append((s, e))\n    return merged\n",
         ),  # does not merge touching intervals
@@ -125,7 +123,8 @@ def test_return_none_fails_every_problem(problem):
         ),  # no subtractive forms
         (
             "nth_prime",
-            "    primes = [p for p in range(2, 10000) if all(p % d for d in range(2, p))]\n    return primes[n]\n",
+            "    primes = [p for p in range(2, 10000) if all(p % d for d in range(2, p))]\n"
+            "    return primes[n]\n",
         ),  # off by one
         (
             "second_largest",
@@ -133,7 +132,8 @@ def test_return_none_fails_every_problem(problem):
         ),  # not distinct
         (
             "word_counts",
-            "    counts = {}\n    for w in text.lower().split():\n        counts[w] = counts.get(w, 0) + 1\n"
+            "    counts = {}\n    for w in text.lower().split():\n"
+            "        counts[w] = counts.get(w, 0) + 1\n"
             "    return counts\n",
         ),  # keeps punctuation
     ],
@@ -166,8 +166,47 @@ def test_the_score_needs_the_tests_to_finish():
     )  # the marker line is removed; the unreachable print never ran
 
 
+ALWAYS_EQUAL = (
+    "    class AlwaysEqual:\n"
+    "        def __eq__(self, other):\n"
+    "            return True\n"
+    "    return AlwaysEqual()\n"
+)
+
+
+@pytest.mark.parametrize(
+    "completion",
+    [
+        ALWAYS_EQUAL,  # equal to 7, to 0, to 10 and to 1: every `==` test
+        "    class Seven(int):\n        def __eq__(self, other):\n            return True\n"
+        "    return Seven(7)\n",  # a subclass of a builtin type
+    ],
+    ids=["object", "int-subclass"],
+)
+def test_an_object_that_equals_everything_fails(completion):
+    namespace = {}  # run in this process, as the chapter's passes_trusted does, it passes
+    exec(PROBLEMS[0]["prompt"] + completion + "\n" + PROBLEMS[0]["test"], namespace)
+    namespace["check"](namespace["count_vowels"])
+    r = check_correctness(PROBLEMS[0], completion, timeout=30)
+    assert r.status == "failed" and "is not a builtin type" in r.stderr, r
+
+
+def test_an_object_that_equals_everything_fails_inside_a_container():
+    problem = next(p for p in PROBLEMS if p["entry_point"] == "run_length_encode")
+    completion = ALWAYS_EQUAL.replace("return AlwaysEqual()", "return [AlwaysEqual()]")
+    r = check_correctness(problem, completion, timeout=30)
+    assert r.status == "failed" and "AlwaysEqual is not a builtin type" in r.stderr, r
+
+
+def test_results_of_builtin_types_still_pass():
+    # every canonical solution returns builtin values: ints, strings, bools, None, lists, tuples,
+    # dicts; the plain-value check lets them through (also nested ones, as flatten's)
+    problem = next(p for p in PROBLEMS if p["entry_point"] == "flatten")
+    assert check_correctness(problem, problem["canonical_solution"], timeout=30).passed
+
+
 # --- run_code
-# ---------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 
 
 def test_statuses():
@@ -210,8 +249,10 @@ def test_child_environment_is_clean_and_fresh(monkeypatch):
     monkeypatch.setenv("MINILLM_SECRET", "hunter2")
     r = run_code(
         "import os, json, re, math, collections, itertools, functools\n"
-        "print(sorted(os.environ)); print(os.getcwd() == os.environ['HOME'] == os.environ['TMPDIR'])\n"
-        "print(os.listdir('.')); open('scratch.txt', 'w').write('ok'); print(open('scratch.txt').read())\n",
+        "print(sorted(os.environ))\n"
+        "print(os.getcwd() == os.environ['HOME'] == os.environ['TMPDIR'])\n"
+        "print(os.listdir('.')); open('scratch.txt', 'w').write('ok')\n"
+        "print(open('scratch.txt').read())\n",
         timeout=30,
     )
     assert r.passed, r
@@ -262,7 +303,10 @@ def test_infinite_loop_is_killed_at_the_deadline(guard):
 def test_fork_bomb_is_contained_and_leaves_nothing(guard):
     marker = f"bomb-{secrets.token_hex(6)}"
     if guard:  # os.fork raises PermissionError, an OSError: the bomb spins in place
-        bomb = "    import os\n    while True:\n        try:\n            os.fork()\n        except OSError:\n            pass\n"
+        bomb = (
+            "    import os\n    while True:\n        try:\n            os.fork()\n"
+            "        except OSError:\n            pass\n"
+        )
     # a real bomb, in an interpreter whose command line carries a marker we can look for afterwards
     else:
         _needs(
@@ -272,10 +316,14 @@ def test_fork_bomb_is_contained_and_leaves_nothing(guard):
             "a separate user or namespaces (RLIMIT_NPROC would count ours)",
         )
         src = (
-            "import os\nwhile True:\n    try:\n        if os.fork() == 0:\n            print('+', flush=True)\n"
+            "import os\nwhile True:\n    try:\n        if os.fork() == 0:\n"
+            "            print('+', flush=True)\n"
             "    except OSError:\n        pass\n"
         )
-        bomb = f"    import os, sys\n    os.execv(sys.executable, [sys.executable, '-c', {src!r}, {marker!r}])\n"
+        bomb = (
+            "    import os, sys\n"
+            f"    os.execv(sys.executable, [sys.executable, '-c', {src!r}, {marker!r}])\n"
+        )
     r = _attack(bomb, guard, timeout=2, max_procs=16)
     assert r.status == "timeout"
     if not guard:
@@ -307,7 +355,8 @@ def test_memory_bomb_gets_memory_error(guard):
 @pytest.mark.parametrize("guard", GUARD)
 def test_disk_filler_stops_at_the_file_size_limit(guard):
     r = _attack(
-        "    with open('big', 'wb') as f:\n        while True:\n            f.write(bytes(1 << 20))\n",
+        "    with open('big', 'wb') as f:\n"
+        "        while True:\n            f.write(bytes(1 << 20))\n",
         guard,
         max_file_mb=4,
     )
@@ -333,7 +382,8 @@ def test_no_network_not_even_the_harness_on_localhost(guard):
         server.settimeout(0.5)
         port = server.getsockname()[1]
         r = _attack(
-            f"    import socket\n    s = socket.create_connection(('127.0.0.1', {port}), timeout=1)\n"
+            "    import socket\n"
+            f"    s = socket.create_connection(('127.0.0.1', {port}), timeout=1)\n"
             "    s.sendall(b'hello')\n    return 0\n",
             guard,
         )
@@ -346,7 +396,8 @@ def test_no_network_not_even_the_harness_on_localhost(guard):
 def test_secrets_in_the_harness_environment_stay_hidden(guard, monkeypatch):
     monkeypatch.setenv("MINILLM_SECRET", "hunter2")
     r = _attack(
-        "    import os\n    print(os.environ.get('MINILLM_SECRET'))\n    return os.environ['MINILLM_SECRET']\n",
+        "    import os\n    print(os.environ.get('MINILLM_SECRET'))\n"
+        "    return os.environ['MINILLM_SECRET']\n",
         guard,
     )
     assert "KeyError" in r.stderr and "hunter2" not in r.stdout + r.stderr
@@ -387,7 +438,7 @@ def test_guard_is_on_by_default_and_only_a_guard():
 
 
 # --- pass@k
-# -----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 
 
 def _brute(n, c, k):
