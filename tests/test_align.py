@@ -124,3 +124,49 @@ def test_fact_preferences_hold_out_unseen_wrong_answers():
         (p["prompt"], p["rejected"]) for p in held
     }
     assert all(p["chosen"] != p["rejected"] for p in train + held)
+
+
+def test_sequence_logprobs_apply_the_temperature(model, tok):
+    ids, s = chat_ids(tok, "Where?", "Bath")
+    idx, starts, lengths = as_batch([ids], [s])
+    lp, mask, _ = sequence_logprobs(model, idx, starts, lengths, temperature=0.5)
+    with torch.no_grad():
+        logits = model(idx)[0][0]
+    manual = sum(
+        torch.log_softmax(logits[j - 1] / 0.5, -1)[ids[j]].item() for j in range(s, len(ids))
+    )
+    assert abs(lp.sum().item() - manual) < 1e-4
+    assert (
+        abs(lp.sum().item() - sequence_logprobs(model, idx, starts, lengths)[0].sum().item()) > 1e-3
+    )
+
+
+def test_ppo_shuffles_each_epoch_and_clips_policy_and_value_apart(model, tok, monkeypatch):
+    ref = copy.deepcopy(model).eval()
+    perms, clipped = [], []
+    randperm, clip = torch.randperm, torch.nn.utils.clip_grad_norm_
+
+    def recording_randperm(*args, **kwargs):
+        perms.append(randperm(*args, **kwargs).tolist())
+        return torch.tensor(perms[-1])
+
+    def recording_clip(params, *args, **kwargs):
+        params = list(params)
+        clipped.append({id(p) for p in params})
+        return clip(params, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "randperm", recording_randperm)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording_clip)
+    value_head = ValueHead(32)
+    cfg = PPOConfig(batch_size=8, minibatch_size=4, epochs=3, max_new_tokens=3)
+    reward_fn = lambda seqs, starts: torch.zeros(len(seqs))
+    ppo(
+        model, value_head, ref, reward_fn, tok, [dict(prompt="Where?", response="Bath")] * 8, cfg, 1
+    )
+    assert len(perms) == 3 and len({tuple(p) for p in perms}) > 1  # not one order for every epoch
+    value_ids, policy_ids = (
+        {id(p) for p in value_head.parameters()},
+        {id(p) for p in model.parameters()},
+    )
+    assert clipped and all(c in (value_ids, policy_ids) for c in clipped)
+    assert clipped.count(value_ids) == clipped.count(policy_ids) == 3 * 2  # each minibatch step

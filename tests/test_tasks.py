@@ -9,6 +9,7 @@ import pytest
 from minillm.data import TITLES, load_novels
 from minillm.tasks import (
     NOVEL_KEYS,
+    SPEAKER_PROMPT,
     RecordError,
     chat_text,
     check_answer,
@@ -16,6 +17,7 @@ from minillm.tasks import (
     continuation_choices,
     encode_chat,
     fact_choices,
+    fact_questions,
     instruction_examples,
     novel_examples,
     novel_part,
@@ -80,10 +82,26 @@ def test_preference_pairs_reject_a_wrong_answer_of_the_same_task():
     pairs = preference_pairs(records)
     assert len(pairs) == sum(r["task"] != "continue" for r in records)
     titles = set(TITLES.values())
+    novel_of = {
+        (SPEAKER_PROMPT + f'"{e["text"]}"', e["speaker"]): e["novel"]
+        for e in speaker_examples("test")
+    }
+    speakers_of = {}
+    for e in speaker_examples("train"):
+        speakers_of.setdefault(e["novel"], set()).add(e["speaker"])
+    kind_of = {f["answer"]: f["kind"] for f in fact_questions()}
     for p in pairs:
         assert not check_answer(p["rejected"], p["chosen"])
         if p["task"] == "novel":
             assert p["rejected"] in titles
+        if p["task"] == "speaker":  # another speaker of the same novel
+            assert p["rejected"] in speakers_of[novel_of[p["prompt"], p["chosen"]]]
+    train_pairs = preference_pairs(instruction_examples("train", n_per_novel=5, n_continue=3))
+    facts = [p for p in train_pairs if p["task"] == "fact"]
+    assert facts and all(kind_of[p["rejected"]] == kind_of[p["chosen"]] for p in facts)
+    unknown = [dict(prompt="Who?", response="Emma", task="speaker")] * 2
+    unknown += [dict(prompt="Who else?", response="Anne", task="speaker")]
+    assert [p["rejected"] for p in preference_pairs(unknown)] == ["Anne", "Anne", "Emma"]
 
 
 def test_multiple_choice_items():
