@@ -68,6 +68,19 @@ RESUME_CFG = dict(
 )
 
 
+def _dropout_masks(rank, world_size):
+    """One step of `train_ddp` with dropout 0.5: the positions the first dropout layer zeroed in
+    this rank's first training forward pass."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**{**TINY, "dropout": 0.5}))
+    drop = next(m for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    masks = []
+    drop.register_forward_hook(lambda m, i, o: masks.append(o == 0) if m.training else None)
+    cfg = TrainConfig(batch_size=4, context_length=16, max_steps=1, warmup_steps=0, eval_batches=1)
+    train_ddp(model, TOKENS[:4000], TOKENS[4000:], cfg)
+    return masks[0]
+
+
 def _worker(rank, world_size, out_dir, resume_dir):
     """All experiments that need no restart in one pair of processes (starting processes is the slow
     part)."""
@@ -77,6 +90,7 @@ def _worker(rank, world_size, out_dir, resume_dir):
         "straight": ddp_run(
             rank, world_size, RESUME_MODEL, RESUME_CFG, TOKENS[:4000], TOKENS[4000:]
         ),
+        "masks": _dropout_masks(rank, world_size),
         "stopped": ddp_run(
             rank, world_size, RESUME_MODEL, RESUME_CFG, TOKENS[:4000], TOKENS[4000:], resume_dir, 3
         ),
@@ -188,3 +202,11 @@ def test_train_ddp_resumes_bit_identical(ranks):
             TrainConfig(**RESUME_CFG),
             resume_dir,
         )
+
+
+def test_ranks_draw_different_dropout_masks(ranks):
+    """Dropout seeded with seed + rank: one process with batch 2B draws one mask per row and
+    position, so two ranks must not draw the same masks (the same seed on every rank would)."""
+    m0, m1 = (r["masks"] for r in ranks[0])
+    assert m0.shape == m1.shape and 0.3 < m0.float().mean() < 0.7  # about half the entries dropped
+    assert not torch.equal(m0, m1)

@@ -19,6 +19,8 @@ from minillm.model import GPT, GPTConfig
 from minillm.train import (
     TrainConfig,
     TrainingDiverged,
+    _restore_rng_states,
+    _rng_states,
     bits_per_char,
     configure_optimizer,
     evaluate_bpc,
@@ -64,8 +66,9 @@ RUN = textwrap.dedent("""
     from minillm.train import train
     torch.set_num_threads(1)
     def kill(step, record):
-        if step == 150: os.kill(os.getpid(), signal.SIGKILL)  # no clean-up, no atexit: as a power cut
-    train(tiny_model(), TOKENS[:15000], TOKENS[15000:], cfg(), {out!r}, on_eval=kill, progress=False)
+        if step == 150: os.kill(os.getpid(), signal.SIGKILL)  # no clean-up: as a power cut
+    train(tiny_model(), TOKENS[:15000], TOKENS[15000:], cfg(), {out!r},
+          on_eval=kill, progress=False)
 """)
 
 
@@ -322,3 +325,25 @@ def test_cli_train_resume_and_sample(tmp_path):
     assert (
         json.loads((tmp_path / "run" / "metrics.json").read_text())["history"] == metrics["history"]
     )
+
+
+def test_rng_states_hold_every_gpu_and_old_checkpoints_still_load(monkeypatch):
+    """On a GPU dropout draws from the CUDA generators: their states are saved (one per device)
+    and restored; a checkpoint without them (from a CPU, or an older version) restores the rest."""
+    gen = torch.Generator().manual_seed(0)
+    fake = [torch.tensor([1, 2], dtype=torch.uint8), torch.tensor([3, 4], dtype=torch.uint8)]
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: fake)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: restored.extend(states))
+    states = _rng_states(gen)
+    assert sorted(k for k in states if k.startswith("rng.cuda.")) == ["rng.cuda.0", "rng.cuda.1"]
+    _restore_rng_states(gen, states)
+    assert [t.tolist() for t in restored] == [[1, 2], [3, 4]]
+    restored.clear()
+    old = {k: v for k, v in states.items() if not k.startswith("rng.cuda.")}
+    expected = torch.Generator().manual_seed(0).get_state()
+    gen.manual_seed(1)
+    _restore_rng_states(gen, old)
+    assert restored == [] and torch.equal(gen.get_state(), expected)
