@@ -7,11 +7,13 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 JOBS ?= 2
 
-.PHONY: all venv corpus models export book test test-fast clean-nbs benchmarks help
+.PHONY: all venv corpus models export book check-book test test-fast clean-nbs benchmarks help
 all: book
 
 help:
 	@echo "make book    render book/minillm.pdf and book/index.html from the notebooks (no execution)"
+	@echo "make book CHAPTER=04  render one chapter: book/04_*.html and book/04_*.pdf (for authors)"
+	@echo "make check-book  load every page of book/ in headless Chromium and check it"
 	@echo "make test    ruff, unit tests + every notebook cell re-executed and compared (nbval)"
 	@echo "make export  regenerate minillm/ from nbs/ (nbdev-export)"
 	@echo "make clean-nbs  strip notebook metadata (nbdev-clean) before committing"
@@ -43,8 +45,16 @@ models: corpus
 export: $(STAMP)
 	$(VENV)/bin/nbdev-export
 
+# CHAPTER=04 renders that chapter alone (its HTML page and a PDF of it) into book/, beside the rest.
+CHAPTER ?=
 book: $(STAMP) export
-	@if command -v quarto >/dev/null 2>&1; then quarto render; else $(PY) tools/render_book.py; fi
+	@if command -v quarto >/dev/null 2>&1 && [ -z "$(CHAPTER)" ]; then quarto render; \
+	else $(PY) tools/render_book.py $(if $(CHAPTER),--chapter $(CHAPTER)); fi
+
+# The HTML book in headless Chromium (Debian's `chromium`): console errors, failed requests, broken
+# links and images, pages wider than a phone, search, the drawer, MathML (tools/check_book.py).
+check-book: $(STAMP)
+	$(PY) tools/check_book.py
 
 # nbval: every code cell is re-executed in a fresh kernel and its outputs compared with the committed ones.
 # Two notebooks run at once on two cores: one math thread each, since oversubscribed PyTorch threads spin and

@@ -1,13 +1,13 @@
 """tools/render_book.py: the book renderer used by `make book` where Quarto is not installed.
 
-A small fake book (its own _quarto.yml, a preface and a part with two chapters, generated here with
-nbformat) uses
-every feature the chapters use; we render it once and check the HTML pages and the Typst source
-behind the PDF.
-Then we break it in the ways a writer does (invalid JSON, a missing chapter, an unresolved
-reference, markup Typst
-rejects) and check that the build fails naming the file, and leaves the previously rendered book as
-it was.
+A small fake book (its own _quarto.yml, references.bib and pyproject.toml, a preface and a part with
+two chapters, generated here with nbformat) uses every feature the chapters use: cross-references,
+citations, the module docstring note, figures from cells and from Markdown SVGs, check cells,
+DataFrame and Markdown tables, maths, callouts. We render it once and check the HTML pages and the
+Typst source behind the PDF. Then we break it in the ways a writer does (invalid JSON, a missing
+chapter, an unresolved reference, an unknown citation key, TeX or a prime in the prose, markup Typst
+rejects) and check that the build fails naming the file and cell, and leaves the previously rendered
+book as it was. The browser checks of the HTML book are tools/check_book.py (`make check-book`).
 """
 
 import base64
@@ -27,7 +27,7 @@ pytest.importorskip("pypandoc")
 pytest.importorskip("typst")
 pytest.importorskip("yaml")
 nbformat = pytest.importorskip("nbformat")
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tools" / "render_book.py"
@@ -53,6 +53,7 @@ book:
       chapters:
         - nbs/01_one.ipynb
         - nbs/02_two.ipynb
+bibliography: references.bib
 number-sections: true
 format:
   html:
@@ -83,10 +84,39 @@ def png(w=8, h=6):
     )
 
 
-SVG = '<svg xmlns="http://www.w3.org/2000/svg" width="40" height="20"><rect width="40" height="20" fill="teal"/></svg>'
+SVG = (
+    '<svg xmlns="http://www.w3.org/2000/svg" width="40" height="20">'
+    '<rect width="40" height="20" fill="teal"/></svg>'
+)
 TABLE = (
-    '<div><style scoped>.dataframe td {color: red}</style><table border="1" class="dataframe"><thead>'
-    '<tr><th></th><th>tokens</th></tr></thead><tbody><tr><th>0</th><td>4242</td></tr></tbody></table></div>'
+    '<div><style scoped>.dataframe td {color: red}</style>'
+    '<table border="1" class="dataframe"><thead>'
+    '<tr style="text-align: right;"><th></th><th>tokens</th><th>novel</th><th>ratio</th></tr>'
+    "</thead>"
+    "<tbody><tr><th>0</th><td>4242</td><td>Emma</td><td>NaN</td></tr>"
+    "<tr><th>1</th><td>17</td><td>None</td><td>0.25</td></tr></tbody></table></div>"
+)
+PIPE_TABLE = "| model | loss |\n|---|---|\n| tiny | 1.5 |\n| big | nan |\n"
+BIB = """\
+@book{knuth1984literate,
+  title = {Literate Programming},
+  author = {Knuth, Donald E.},
+  publisher = {CSLI},
+  year = {1984}
+}
+
+@book{lamport1994latex,
+  title = {{LaTeX}: A Document Preparation System},
+  author = {Lamport, Leslie},
+  publisher = {Addison-Wesley},
+  year = {1994}
+}
+"""
+DIAGRAM = (
+    '<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 120 40" width="120" height="40">'
+    '<rect x="1" y="1" width="118" height="38" fill="#e8eef5" stroke="#1f4e79"/>'
+    '<text x="60" y="25" text-anchor="middle" font-family="DejaVu Sans, Arial, sans-serif" '
+    'font-size="13">diagram</text></svg>'
 )
 
 
@@ -95,8 +125,11 @@ def stream(text, name="stdout"):
 
 
 def write_project(root: Path):
-    (root / "nbs").mkdir(parents=True)
+    (root / "nbs" / "figures").mkdir(parents=True)
     (root / "_quarto.yml").write_text(QUARTO_YML)
+    (root / "references.bib").write_text(BIB)
+    (root / "pyproject.toml").write_text('[tool.nbdev]\nlib_name = "testlib"\n')
+    (root / "nbs" / "figures" / "diagram.svg").write_text(DIAGRAM)
     index = new_notebook(
         cells=[
             new_markdown_cell("# Preface {#sec-preface}\n\n> What this test book is for."),
@@ -113,7 +146,8 @@ def write_project(root: Path):
             new_markdown_cell("#| export\nThe module docstring of one."),
             new_markdown_cell(
                 "## First section {#sec-one-first}\n\nInline math $a^2 + b^2$ and display math\n\n"
-                "$$\\sum_{i=1}^n x_i$$\n\nSee @sec-one-second below."
+                "$$\\sum_{i=1}^n x_i$$\n\nSee @sec-one-second below, as literate programs do "
+                "[@knuth1984literate]."
             ),
             new_markdown_cell(
                 "::: {.callout-warning}\n## Mind this\nThe warning body.\n:::\n\n"
@@ -147,6 +181,19 @@ def write_project(root: Path):
                             "image/png": base64.b64encode(png()).decode(),
                             "text/plain": "<Figure size 640x480 with 1 Axes>",
                         },
+                    )
+                ],
+            ),
+            new_markdown_cell(
+                "![A diagram, drawn by hand.](figures/diagram.svg){#fig-diagram}\n\n"
+                "@fig-diagram is a diagram."
+            ),
+            new_code_cell("# the checks\nassert 1 + 1 == 2\nassert True, 'never'"),
+            new_code_cell(
+                "show_pipe_table()",
+                outputs=[
+                    new_output(
+                        "display_data", data={"text/markdown": PIPE_TABLE, "text/plain": "<md>"}
                     )
                 ],
             ),
@@ -186,7 +233,8 @@ def write_project(root: Path):
                 "::: {.content-visible when-format=\"pdf\"}\nOnly on paper.\n:::"
             ),
             new_markdown_cell(
-                "## Second section {#sec-one-second}\n\nAs @fig-dots shows, and as @sec-one-first said. "
+                "## Second section {#sec-one-second}\n\n"
+                "As @fig-dots shows, and as @sec-one-first said. "
                 "The next chapter is @sec-two; its first section is [here](02_two.ipynb#sec-two-a)."
             ),
         ]
@@ -195,7 +243,9 @@ def write_project(root: Path):
         cells=[
             new_markdown_cell("# Chapter two {#sec-two}\n\n> The lead of chapter two."),
             new_markdown_cell(
-                "## A section {#sec-two-a}\n\nBack to @sec-one-second and @fig-dots, and [the preface](index.ipynb)."
+                "## A section {#sec-two-a}\n\nBack to @sec-one-second and @fig-dots, and "
+                "[the preface](index.ipynb). "
+                "@lamport1994latex wrote a manual."
             ),
             new_code_cell(
                 "show_markdown()",
@@ -240,8 +290,10 @@ def test_outputs_exist(built):
         "01_one.html",
         "02_two.html",
         "index.html",
+        "references.html",
     ]
-    assert (book / "style.css").exists()
+    for asset in ("style.css", "book.js", "favicon.svg", "pagefind/pagefind-ui.js"):
+        assert (book / asset).exists(), asset
     assert {p.suffix for p in (book / "media" / "01_one").iterdir()} == {".png", ".svg"}
     assert not list(root.glob(".book-tmp*")), "temporary directory left behind"
     assert not list(book.glob("*.typ")), "intermediate files published"
@@ -338,12 +390,14 @@ def test_html_callouts_lead_and_page(built):
 def test_typst_source(built):
     _, r = built
     src = r.typst_source
-    assert '#part("I", "Part One")' in src
-    assert '#callout("warning", "Mind this")' in src and '#callout("tip", "A titled tip")' in src
+    assert '#part("I", "Part One")' in src and "cover: true" in src and "toc: true" in src
+    typ = (ROOT / "tools" / "book" / "book.typ").read_text()
+    assert "header: running-header()" in typ and "hyphenate: false" in typ  # headers; title whole
+    assert '#callout("warning", [Mind this])[' in src and '#callout("tip", [A titled tip])[' in src
     assert "Figure~1.1" in src or "Figure\u00a01.1" in src
     assert "#link(<sec-one-second>)" in src and "#link(<fig-dots>)" in src
     assert '#set heading(numbering: (..) => "1.2"' in src and "#lead[" in src
-    assert "#table(" in src  # the HTML table output, as a Typst table
+    assert src.count("#table(") == 2  # the DataFrame and the Markdown table outputs
     assert 'image("media/01_one/' in src
     assert (
         "#link(<sec-two>)[the second chapter]" in src and "#link(<sec-two-a>)[its section]" in src
@@ -451,7 +505,7 @@ def test_rebuild_replaces_the_book(project):
 
 
 # --- the real book
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.skipif(not (ROOT / "_quarto.yml").exists(), reason="no _quarto.yml")
@@ -463,7 +517,7 @@ def test_real_book_renders(tmp_path):
         [sys.executable, str(SCRIPT), "--project", str(ROOT), "--out", str(out)],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,
     )
     assert r.returncode == 0, r.stderr
     assert (out / "minillm.pdf").read_bytes().startswith(b"%PDF") and (out / "index.html").exists()
@@ -483,9 +537,182 @@ def test_stored_error_output_fails_unless_marked(project, capsys):
 
 
 def test_old_typst_symbol_names_renamed_outside_code():
-    "pandoc writes \\odot as `dot.circle`, a name Typst 0.14+ no longer knows; code blocks are left alone."
-    text = "$ gamma dot.circle x plus.circle.big y $\n```python\nc = a.dot.circle\n```\n$ times.circle $"
+    """pandoc writes \\odot as `dot.circle`, a name Typst 0.14+ no longer knows; code blocks are
+    left alone."""
+    text = (
+        "$ gamma dot.circle x plus.circle.big y $\n```python\nc = a.dot.circle\n```\n"
+        "$ times.circle $"
+    )
     assert (
         rb.typst_symbols(text)
         == "$ gamma dot.o x plus.o.big y $\n```python\nc = a.dot.circle\n```\n$ times.o $"
     )
+
+
+# --- citations, the module note, figures from Markdown, checks, tables, typography
+# ----------------------------------------------------------------------------------
+
+
+def test_citations(built):
+    root, r = built
+    one = (root / "book" / "01_one.html").read_text()
+    m = re.search(r'<span class="citation" data-cites="knuth1984literate">(.*?)</span>', one)
+    assert m and 'href="references.html#ref-knuth1984literate"' in m[1]
+    assert "(Knuth 1984)" in text_of(root / "book" / "01_one.html")
+    assert "Lamport (1994) wrote a manual" in text_of(root / "book" / "02_two.html")
+    refs = (root / "book" / "references.html").read_text()
+    assert 'id="ref-knuth1984literate"' in refs and 'id="ref-lamport1994latex"' in refs
+    assert "Literate Programming" in text_of(root / "book" / "references.html")
+    assert "References" in one.split('class="chapters"')[1]  # in the sidebar
+    src = r.typst_source
+    assert "#link(<ref-knuth1984literate>)" in src and "] <ref-knuth1984literate>" in src
+    assert "#bibentry[" in src and "References" in src
+    # after the last chapter, unnumbered
+    assert src.index("#link(<ref-lamport1994latex>)") < src.index("#bibentry[")
+    assert "@knuth" not in src and "@knuth" not in one
+
+
+def test_unknown_citation_key(project, capsys):
+    nb = nbformat.read(project / "nbs" / "02_two.ipynb", as_version=4)
+    nb.cells[1].source += " As [@nobody2000] says."
+    nbformat.write(nb, project / "nbs" / "02_two.ipynb")
+    fails(project, capsys, "nbs/02_two.ipynb (cell 1)", "unknown citation key @nobody2000")
+
+
+def test_module_docstring_is_a_note(built):
+    root, r = built
+    one = (root / "book" / "01_one.html").read_text()
+    note = one.split('class="callout callout-note module-doc"')[1].split("</div>\n</div>")[0]
+    assert "The module <code>testlib.one</code>" in note and "The module docstring of one." in note
+    assert '#callout("note", [The module `testlib.one`])[' in r.typst_source
+
+
+def test_figure_from_markdown(built):
+    root, r = built
+    book = root / "book"
+    one = (book / "01_one.html").read_text()
+    assert "Figure 1.2: A diagram, drawn by hand." in text_of(book / "01_one.html")
+    assert "Figure 1.2 is a diagram." in text_of(book / "01_one.html")
+    assert 'id="fig-diagram"' in one and 'src="media/01_one/figures_diagram.svg"' in one
+    assert (book / "media" / "01_one" / "figures_diagram.svg").read_text().startswith("<svg")
+    assert 'image("media/01_one/figures_diagram.svg"' in r.typst_source  # vector in the PDF
+    assert "#link(<fig-diagram>)[Figure~1.2]" in r.typst_source.replace("\u00a0", "~")
+
+
+def test_check_cells_are_compact(built):
+    root, r = built
+    one = (root / "book" / "01_one.html").read_text()
+    assert (
+        '<details class="check"><summary><span class="check-mark">✓ checked</span>: '
+        "<code>1 + 1 == 2 (and 1 more)</code></summary>" in one
+    )
+    check = one.split('<details class="check">')[1].split("</details>")[0]
+    assert "assert" in check and 'class="sourceCode python' in check  # highlighted code inside
+    assert "```pycheck\n# the checks\nassert 1 + 1 == 2" in r.typst_source
+    assert rb.check_summary("assert x\n# c\nassert (\n    y\n)") == "x (and 1 more)"
+    assert rb.check_summary("x = 1\nassert x") is None and rb.check_summary("") is None
+
+
+def test_tables(built):
+    root, r = built
+    one = (root / "book" / "01_one.html").read_text()
+    tables = re.findall(r"<table.*?</table>", one, re.S)
+    assert len(tables) == 2 and "<style" not in one.split("<table")[1]
+    pipe, frame = tables
+    cells = [
+        html.unescape(re.sub(r"<[^>]+>", "", c)).strip()
+        for c in re.findall(r"<t[dh][^>]*>.*?</t[dh]>", frame, re.S)
+    ]
+    assert cells == [
+        "",
+        "tokens",
+        "novel",
+        "ratio",
+        "0",
+        "4242",
+        "Emma",
+        "—",
+        "1",
+        "17",
+        "—",
+        "0.25",
+    ]
+    aligns = re.findall(r'<td[^>]*style="text-align: (\w+);"', frame)
+    assert aligns == ["right", "left", "right"] * 2  # the index is a <th>
+    assert "—" in pipe and "nan" not in pipe and 'style="text-align: left;">tiny' in pipe
+    src = r.typst_source
+    assert "align:(right,right,left,right,)" in src.replace(" ", "")
+    assert "NaN" not in src and "None" not in src.split("#table(")[1]
+
+
+def test_prose_checks():
+    bad = rb.text_problems("x", "GPT-2′s loss, V_{t+1} and x^{2}, #text(fill: rgb(1, 2, 3))[hi]")
+    assert len(bad) == 5, bad
+    assert any("prime" in b and "2′s" in b for b in bad) and all(b.startswith("x: ") for b in bad)
+    assert not rb.text_problems("x", "the model's loss f′(x) and snake_case{}")
+
+
+def test_prose_check_fails_the_build(project, capsys):
+    nb = nbformat.read(project / "nbs" / "02_two.ipynb", as_version=4)
+    nb.cells[1].source += " GPT-2′s value is V_{t+1}; but `V_{t+1}` and $V_{t+1}$ are fine."
+    nbformat.write(nb, project / "nbs" / "02_two.ipynb")
+    err = fails(project, capsys, "nbs/02_two.ipynb (cell 1)", "apostrophe", "TeX outside maths")
+    assert err.count("TeX outside maths") == 1
+
+
+def test_code_cells_named_as_nbval_names_them(project, capsys):
+    p = project / "nbs" / "01_one.ipynb"
+    nb = nbformat.read(p, as_version=4)
+    i = next(i for i, c in enumerate(nb.cells) if "NBVAL_RAISES_EXCEPTION" in c.source)
+    code_before = sum(c.cell_type == "code" for c in nb.cells[:i])
+    nb.cells[i].source = nb.cells[i].source.replace("# NBVAL_RAISES_EXCEPTION\n", "")
+    nbformat.write(nb, p)
+    fails(project, capsys, f"nbs/01_one.ipynb (cell {i}, nbval Cell {code_before})")
+
+
+def test_html_site(built):
+    root, _ = built
+    one = (root / "book" / "01_one.html").read_text()
+    assert re.search(r'<button class="nav-button" type="button" aria-expanded="false"', one)
+    assert '<link rel="icon" href="favicon.svg"' in one and 'src="pagefind/pagefind-ui.js"' in one
+    assert '<main class="content" id="main" data-pagefind-body>' in one
+    assert 'class="anchor" href="#sec-one-first"' in one
+    assert '<span class="math-display"><math display="block"' in one  # scrolls on a phone
+    toc = one.split('<nav class="page-toc"')[1].split("</nav>")[0]
+    assert 'href="#sec-one-first"' in toc and 'href="#sec-one-second"' in toc
+    assert "prefers-color-scheme: dark" in (root / "book" / "style.css").read_text()
+    assert "http://" not in one.replace('xmlns="http://www.w3.org', "") and "https://" not in one
+    assert list((root / "book" / "pagefind").glob("pagefind-entry.json"))
+
+
+def test_one_chapter_for_authors(project, capsys):
+    stale = project / ".book-tmp-999999999-x"  # left by a killed build (no such process)
+    stale.mkdir()
+    (project / "book" / "02_two.html").write_text("old")
+    assert rb.main(["--project", str(project), "--chapter", "02"]) == 0
+    out = capsys.readouterr().out
+    assert "built in" in out and "02_two.pdf" in out
+    book = project / "book"
+    assert (book / "02_two.pdf").read_bytes().startswith(b"%PDF")
+    assert "Back to Section 1.2" in text_of(book / "02_two.html")
+    assert (book / "01_one.html").exists() and (book / "index.html").exists()  # the rest kept
+    assert not list(project.glob(".book-tmp*"))
+
+
+def test_references_chapter_where_the_book_puts_it(project):
+    "As in Quarto: a `references` chapter listed in _quarto.yml gets the bibliography in its #refs."
+    (project / "references.qmd").write_text(
+        "# References {.unnumbered}\n\nThe works cited.\n\n::: {#refs}\n:::\n"
+    )
+    cfg = project / "_quarto.yml"
+    cfg.write_text(
+        cfg.read_text().replace(
+            "        - nbs/02_two.ipynb", "        - nbs/02_two.ipynb\n    - references.qmd"
+        )
+    )
+    r = rb.render(project)
+    refs = (project / "book" / "references.html").read_text()
+    assert "The works cited." in refs and refs.index("The works cited.") < refs.index(
+        'id="ref-knuth1984literate"'
+    )
+    assert r.chapters == 4 and r.typst_source.count("#bibentry[") == 2

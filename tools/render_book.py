@@ -3,63 +3,69 @@
 book/*.html.
 
 `make book` runs `quarto render` where Quarto is installed, and this script otherwise. It reads the
-same _quarto.yml
-and makes the same two outputs with two tools from the venv: pandoc (pypandoc-binary) parses and
-writes, Typst (the
-`typst` package) typesets the PDF. Nothing is executed: the book shows the outputs stored in the
-notebooks.
+same _quarto.yml and makes the same two outputs with tools from the venv: pandoc (pypandoc-binary)
+parses and writes, Typst (the `typst` package) typesets the PDF, Pagefind (`pagefind[bin]`) indexes
+the HTML pages for search. Nothing is executed: the book shows the outputs stored in the notebooks.
 
-    .venv/bin/python tools/render_book.py [--project DIR] [--out DIR]
+    .venv/bin/python tools/render_book.py [--project DIR] [--out DIR] [--chapter 04]
 
 How it works, in the order it runs:
 
-1. Read _quarto.yml: title, subtitle, author, date, output-file, output-dir, and the chapters with
-   their parts.
+1. Read _quarto.yml: title, subtitle, author, date, output-file, output-dir, the chapters with
+   their parts, the bibliography.
 2. Each notebook becomes pandoc markdown (`notebook_markdown`): `#|` directives are read and
-   removed, hidden cells
-   dropped, `# NBVAL_*` test markers stripped, outputs turned into fenced text, images (written to media/) and raw
-   HTML. pandoc parses it into its JSON AST: one call per chapter, in a thread pool.
-3. On the AST, in Python (`number_chapter`): callouts get their title, the `> description` under a
-   chapter's title
-   becomes its lead paragraph, chapters/sections/figures get their numbers, every #sec-/#fig- label
-   is recorded.
-   Numbers are computed here, once, for both formats: the PDF shows exactly the numbers the HTML
-   shows.
-4. With every label known, `@sec-x`, `@fig-x` and links to other chapters' notebooks become links,
-   once per output
-   format (`resolve`). An unresolved one is an error: the book never ships a "??".
-5. HTML: pandoc writes each chapter's body; tools/book/page.html wraps it with the sidebar and
-   prev/next links.
+   removed, hidden cells dropped, `# NBVAL_*` test markers stripped, outputs turned into fenced
+   text, images (written to media/), tables and raw HTML. nbdev's module docstring (a markdown cell
+   starting `#| export`) becomes a note titled "The module `minillm.<name>`" (the notebook's
+   `#| default_exp`); a code cell that only asserts becomes a check (a collapsed "✓ checked" in
+   HTML, a small box in the PDF). pandoc parses it into its JSON AST, one call per chapter, in a
+   thread pool. Tables that cells output (DataFrames, Markdown pipe tables) are tidied
+   (`tidy_table`): "—" for missing values, numbers right-aligned, text left-aligned.
+3. Citations (`[@key]`, `@key`): every citation of the book is formatted in one citeproc run
+   (`cite_book`), and the bibliography becomes an unnumbered "References" chapter at the end (or
+   fills the `references` chapter, as Quarto does). Cite nodes that are `@sec-`/`@fig-` references
+   are left to step 5; an unknown key is an error naming the cell.
+4. On the AST, in Python (`number_chapter`): callouts get their title, the `> description` under
+   a chapter's title becomes its lead paragraph, chapters/sections/figures (from code cells and
+   from markdown images, e.g. `![Caption.](figures/x.svg){#fig-x}`) get their numbers, every
+   #sec-/#fig- label is recorded. Numbers are computed here, once, for both formats: the PDF shows
+   exactly the numbers the HTML shows. The prose is checked (`prose_problems`, and `html_problems`
+   on the pages): markup leaked into the text, TeX outside maths, a prime for an apostrophe.
+5. With every label known, `@sec-x`, `@fig-x` and links to other chapters' notebooks become links,
+   once per output format (`resolve`). An unresolved one is an error: the book never ships a "??".
+6. HTML: pandoc writes each chapter's body (maths as MathML); tools/book/page.html wraps it with
+   the sidebar, the in-page contents and prev/next links; style.css, book.js (drawer, copy buttons,
+   search box) and favicon.svg are copied beside it; Pagefind indexes the pages into pagefind/.
    PDF: pandoc writes each chapter as Typst; one document imports tools/book/book.typ (title page,
-   contents, part
-   pages, callouts, code and output styling) and `typst.compile` makes the PDF.
-6. All of it is written to a temporary directory next to the output, which replaces the old book
-   only when
-   everything succeeded: a failed build leaves the previous book as it was.
+   contents, running headers, part pages, callouts, code and output styling) and `typst.compile`
+   makes the PDF.
+7. All of it is written to a temporary directory next to the output (.book-tmp-<pid>-*), which
+   replaces the old book only when everything succeeded: a failed build leaves the previous book as
+   it was. Directories left by a killed build are removed by the next one.
+
+`--chapter 04` renders one chapter for its author: its HTML page and a PDF of it alone
+(book/04_attention.pdf), written into the book directory beside the rest (links to chapters that
+are not in that PDF are plain text). Every chapter is still read, for the cross-references.
 
 Of _quarto.yml it reads: book.title/subtitle/author/date/output-file/chapters (with
-`part:`)/appendices,
-project.output-dir, number-sections, lang, and format.typst.papersize/toc/toc-depth (default 2).
-Numbering follows
-Quarto's defaults: the `index` chapter (or one whose title is `{.unnumbered}`) is an unnumbered
-preface, chapters are
-numbered 1, 2, ..., appendices A, B, ..., sections 2.1, 2.1.1, figures per chapter ("Figure 2.1").
-Error messages
-name cells by their index in the notebook, counting from 0 as nbval does.
+`part:`)/appendices, project.output-dir, bibliography, csl, number-sections, lang, and
+format.typst.papersize/toc/toc-depth (default 2). Numbering follows Quarto's defaults: the `index`
+chapter (or one whose title is `{.unnumbered}`) is an unnumbered preface, chapters are numbered 1,
+2, ..., appendices A, B, ..., sections 2.1, 2.1.1, figures per chapter ("Figure 2.1").
+
+Error messages name a cell by its index in the notebook counting from 0 over all cells (as Jupyter
+shows them, and as tests/test_width.py and test_anatomy.py count), and a code cell also by nbval's
+name for it, which counts code cells only from 0: "nbs/04_attention.ipynb (cell 7, nbval Cell 3)"
+is `nbs/04_attention.ipynb::Cell 3` in pytest's output.
 
 Quarto features it does not support (the chapters do not use them): executing code; `{{< shortcodes
->}}`; citations
-from a bibliography; cross-references other than @sec- and @fig- (no @tbl-, @eq-, @lst-, theorem or
-callout
+>}}`; cross-references other than @sec- and @fig- (no @tbl-, @eq-, @lst-, theorem or callout
 references; an unresolved one is an error); `crossref:` options (names, prefixes); sub-figures (a
-labelled cell with
-several images numbers its first); `part:` given as a file; the other `format:` options (code
-folding, margin
-content, tabsets, themes, search, typst `section-numbering`); JavaScript/widget outputs (their
-text/plain is shown
-instead), and in the PDF any HTML output that is not a table; `.qmd`/`.md` chapters are read as
-plain pandoc
-markdown (their code chunks shown, not run).
+labelled cell with several images numbers its first); `part:` given as a file; the other `format:`
+options (code folding, margin content, tabsets, themes, typst `section-numbering`);
+JavaScript/widget outputs (their text/plain is shown instead), and in the PDF any HTML output that
+is not a table; `.qmd`/`.md` chapters are read as plain pandoc markdown (their code chunks shown,
+not run).
 """
 
 import argparse
@@ -157,12 +163,13 @@ def need(module, what):
         return __import__(module)
     except ImportError:
         raise BookError(
-            f"the Python package `{what}` is missing: `pip install pypandoc-binary typst pyyaml` in the "
+            f"the Python package `{what}` is missing: "
+            "`pip install pypandoc-binary typst pyyaml` in the "
             f"venv, or run `make book`, which sets up .venv"
         ) from None
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # _quarto.yml
 
 
@@ -204,6 +211,10 @@ class Book:
     toc_depth: int
     chapters: list
     parts: list  # (number, title); number is None for "Appendices"
+    project: Path = Path(".")
+    bibliography: list = field(default_factory=list)  # .bib files, absolute paths
+    csl: Path | None = None
+    lib_name: str = ""  # nbdev's lib_name (pyproject.toml): the module note says `minillm.data`
 
 
 def read_config(project: Path) -> Book:
@@ -266,6 +277,15 @@ def read_config(project: Path) -> Book:
     date = book.get("date") or cfg.get("date")
     if date in ("today", "now", "last-modified"):
         date = datetime.date.today().isoformat()
+    bibliography = cfg.get("bibliography") or []
+    bibliography = [bibliography] if isinstance(bibliography, str) else list(bibliography)
+    bibs = []
+    for b in bibliography:
+        if not (project / str(b)).is_file():
+            raise BookError(f"{cfg_file}: the bibliography {b} does not exist")
+        bibs.append((project / str(b)).resolve())
+    if cfg.get("csl") and not (project / str(cfg["csl"])).is_file():
+        raise BookError(f"{cfg_file}: the citation style (csl) {cfg['csl']} does not exist")
     return Book(
         title=str(book.get("title") or cfg.get("title") or "Untitled"),
         subtitle=str(book["subtitle"]) if book.get("subtitle") else None,
@@ -280,7 +300,23 @@ def read_config(project: Path) -> Book:
         toc_depth=int(typ.get("toc-depth") or 2),
         chapters=chapters,
         parts=parts,
+        project=project,
+        bibliography=bibs,
+        csl=(project / str(cfg["csl"])).resolve() if cfg.get("csl") else None,
+        lib_name=lib_name(project),
     )
+
+
+def lib_name(project: Path):
+    "The package the notebooks export to: [tool.nbdev] lib_name, else [project] name."
+    try:
+        import tomllib
+
+        cfg = tomllib.loads((project / "pyproject.toml").read_text(encoding="utf-8"))
+    except (OSError, ValueError, ImportError):
+        return ""
+    nbdev = (cfg.get("tool") or {}).get("nbdev") or {}
+    return str(nbdev.get("lib_name") or (cfg.get("project") or {}).get("name") or "")
 
 
 def _roman(n):
@@ -291,7 +327,7 @@ def _roman(n):
     return out
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Notebook -> pandoc markdown
 
 
@@ -325,7 +361,8 @@ def parse_directives(lines):
 
 
 def split_cell(source, code):
-    "(options, lines): a code cell loses every `#|` line and NBVAL marker; a markdown cell its leading `#|` lines."
+    """(options, lines): a code cell loses every `#|` line and NBVAL marker; a markdown cell its
+    leading `#|` lines."""
     directives, lines = [], []
     for line in source.splitlines():
         m = DIRECTIVE.match(line)
@@ -337,7 +374,8 @@ def split_cell(source, code):
 
 
 def plain_text(text):
-    "Terminal text as a reader saw it: no ANSI colours, and a `\\r` (progress bars) overwrites its line."
+    """Terminal text as a reader saw it: no ANSI colours, and a `\\r` (progress bars) overwrites
+    its line."""
     text = ANSI.sub("", cell_text(text)).replace("\r\n", "\n")
     return "\n".join(([p for p in line.split("\r") if p] or [""])[-1] for line in text.split("\n"))
 
@@ -351,7 +389,52 @@ def div(classes, body):
     return f"::::: {{{' '.join('.' + c for c in classes.split())}}}\n{body}\n:::::"
 
 
-def notebook_markdown(ch, media: Path):
+def cell_label(cells, i):
+    """How messages name cell `i`: its index among all cells, counting from 0 (Jupyter's order, as
+    tests/test_width.py and test_anatomy.py count), and for a code cell also nbval's name for it,
+    which counts code cells only: "7, nbval Cell 3" is the `Cell 3` of pytest's output."""
+    if cells[i].get("cell_type") != "code":
+        return str(i)
+    return f"{i}, nbval Cell {sum(c.get('cell_type') == 'code' for c in cells[:i])}"
+
+
+def default_exp(cells):
+    "The module a notebook exports to (`#| default_exp data`), or None."
+    for cell in cells:
+        if cell.get("cell_type") == "code":
+            opts, _ = split_cell(cell_text(cell.get("source")), code=True)
+            if opts.get("default_exp"):
+                return str(opts["default_exp"])
+    return None
+
+
+def module_note(text, module, lib):
+    """nbdev's module docstring (a markdown cell starting `#| export`) as a note titled with the
+    module's name; a plain note where the notebook names no module."""
+    name = f"{lib}.{module}" if lib and module else module
+    title = f"The module `{name}`" if name else "The module"
+    return f"::::: {{.callout-note .module-doc}}\n## {title} {{.unnumbered}}\n\n{text}\n:::::"
+
+
+def check_summary(code):
+    """For a cell whose code is nothing but `assert` statements (and comments): a one-line summary
+    of what it checks (its first condition); for any other cell None."""
+    import ast
+
+    try:
+        tree = ast.parse(code)
+    except (SyntaxError, ValueError):
+        return None
+    if not tree.body or not all(isinstance(s, ast.Assert) for s in tree.body):
+        return None
+    first = " ".join((ast.get_source_segment(code, tree.body[0].test) or "").split())
+    if len(first) > 70:
+        first = first[:69] + "…"
+    more = len(tree.body) - 1
+    return first + (f" (and {more} more)" if more else "")
+
+
+def notebook_markdown(ch, media: Path, lib=""):
     """The chapter as pandoc markdown, and the HTML outputs that the PDF shows as tables
     (placeholders in the text)."""
     try:
@@ -367,6 +450,7 @@ def notebook_markdown(ch, media: Path):
         or "python"
     )
     chunks, tables = [], []
+    module = default_exp(nb["cells"])
     for i, cell in enumerate(nb["cells"]):
         kind, source = cell.get("cell_type"), cell_text(cell.get("source"))
         if kind == "raw":  # nbdev/Quarto front matter: its title becomes the chapter title
@@ -377,12 +461,15 @@ def notebook_markdown(ch, media: Path):
                 continue
             if kind == "markdown":
                 md = attachments(cell, "\n".join(lines).strip("\n"), media, i)
+                if opts.get("export") and md.strip():  # nbdev's module docstring
+                    md = module_note(md, module, lib)
             else:
-                md = code_cell_markdown(ch, cell, i, opts, lines, lang, media, tables)
+                where = f"{ch.src} (cell {cell_label(nb['cells'], i)})"
+                md = code_cell_markdown(cell, i, where, opts, lines, lang, media, tables)
         else:
             continue
         if md.strip():
-            chunks.append(f"```{{={CELL_MARK}}}\n{i}\n```\n\n{md}")
+            chunks.append(f"```{{={CELL_MARK}}}\n{cell_label(nb['cells'], i)}\n```\n\n{md}")
     return "\n\n".join(chunks) + "\n", tables
 
 
@@ -416,17 +503,22 @@ def write_media(media: Path, name, data, mime):
     return f"{media.parent.name}/{media.name}/{name}"
 
 
-def code_cell_markdown(ch, cell, i, opts, lines, lang, media, tables):
+def code_cell_markdown(cell, i, where, opts, lines, lang, media, tables):
     out = []
     code = "\n".join(lines).strip("\n")
     if code.strip() and opts.get("echo", True) is not False:
-        out.append(fenced(code, f"{{.{lang} .cell-code}}"))
+        block = fenced(code, f"{{.{lang} .cell-code}}")
+        summary = check_summary(code) if lang == "python" else None
+        if summary is not None:  # a check: shown compactly, as a check (see `resolve`)
+            quoted = summary.replace("\\", "\\\\").replace('"', '\\"')
+            block = f'::::: {{.check summary="{quoted}"}}\n{block}\n:::::'
+        out.append(block)
     if opts.get("output", True) is not False:
-        out += outputs_markdown(ch, cell, i, opts, media, tables)
+        out += outputs_markdown(cell, i, where, opts, media, tables)
     return "\n\n".join(out)
 
 
-def outputs_markdown(ch, cell, i, opts, media, tables):
+def outputs_markdown(cell, i, where, opts, media, tables):
     label = str(opts.get("label") or "")
     figure = (
         {"id": label, "cap": str(opts.get("fig-cap") or ""), "alt": str(opts.get("fig-alt") or "")}
@@ -465,7 +557,7 @@ def outputs_markdown(ch, cell, i, opts, media, tables):
                 "tags", []
             ) and not re.search(r"^\s*#\s*NBVAL_RAISES_EXCEPTION\s*$", source, re.MULTILINE):
                 raise BookError(
-                    f"{ch.src} (cell {i}): the stored output is an error ({o.get('ename')}: "
+                    f"{where}: the stored output is an error ({o.get('ename')}: "
                     f"{o.get('evalue')}); fix the cell and re-run the notebook, or mark it "
                     f"'# NBVAL_RAISES_EXCEPTION' if the error is the point"
                 )
@@ -507,7 +599,8 @@ def outputs_markdown(ch, cell, i, opts, media, tables):
                 out.append(md)
     if figure and not figure.get("used"):
         warn(
-            f"{ch.src} (cell {i}): #| label: {label}, but the cell has no image output (run the notebook and save it)"
+            f"{where}: #| label: {label}, but the cell has no image output "
+            "(run the notebook and save it)"
         )
     return out
 
@@ -529,19 +622,16 @@ def display_markdown(data, mime, fmt, name, media, tables, figure, opts):
             )
             return f"![{' '.join(figure['cap'].split())}]({path}){{#{figure['id']}{alt}}}"
         return f"![]({path})"
-    if (
-        mime == "text/html"
-    ):  # as it is in the HTML; in the PDF, the table pandoc reads out of it (see parse_chapter)
-        md = []
-        if fmt in ("html", "both"):
-            md.append(div("cell-output cell-output-display", fenced(value.strip("\n"), "{=html}")))
-        if fmt in ("typst", "both"):
-            tables.append(value)
-            md.append(
-                f"::::: {{.cell-output .cell-output-display .html-table index=\"{len(tables) - 1}\"}}\n:::::"
-            )
-        return "\n\n".join(md)
-    if mime in ("text/markdown", "text/latex") or opts.get("output") == "asis":
+    if mime == "text/html" and "<table" in value:
+        # a DataFrame: in both formats the table pandoc reads out of the HTML (see parse_chapter)
+        tables.append(value)
+        index = len(tables) - 1
+        return f'::::: {{.cell-output .cell-output-display .html-table index="{index}"}}\n:::::'
+    if mime == "text/html":  # other HTML: as it is, in the HTML only
+        return div("cell-output cell-output-display", fenced(value.strip("\n"), "{=html}"))
+    if mime == "text/markdown":  # its tables are tidied like a DataFrame's (see `tidy_table`)
+        return div("cell-output cell-output-display cell-output-markdown", value)
+    if mime == "text/latex" or opts.get("output") == "asis":
         return value
     return div(
         "cell-output cell-output-display", fenced(plain_text(value).rstrip("\n"), "{.stdout}")
@@ -558,7 +648,7 @@ def markdown_chapter(ch):
     return re.sub(r"^(\s*```+)\s*\{(\w+)[^}]*\}", r"\1{.\2 .cell-code}", text, flags=re.M)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # pandoc and its AST
 
 
@@ -577,7 +667,8 @@ def pandoc(text, src, dst, where, *args):
         ) from None
     if r.returncode != 0:
         raise BookError(
-            f"{where}: pandoc ({src} -> {dst}) failed: {r.stderr.decode('utf-8', 'replace').strip()}"
+            f"{where}: pandoc ({src} -> {dst}) failed: "
+            + r.stderr.decode("utf-8", "replace").strip()
         )
     return r.stdout.decode("utf-8")
 
@@ -600,6 +691,17 @@ def walk(x, fn):
         else:
             out.append(item if r is None else r)
     return out
+
+
+def walk_nodes(x, kind):
+    "Every node of type `kind` in `x` (top-down)."
+    if isinstance(x, list):
+        for item in x:
+            yield from walk_nodes(item, kind)
+    elif isinstance(x, dict):
+        if x.get("t") == kind:
+            yield x
+        yield from walk_nodes(x.get("c"), kind)
 
 
 def stringify(x):
@@ -680,10 +782,10 @@ def attr(node):
     return node["c"][pos] if pos is not None else None
 
 
-def parse_chapter(ch, tmp: Path):
-    "Step 2: the chapter's pandoc AST, with the HTML tables of its outputs parsed for the PDF."
+def parse_chapter(ch, tmp: Path, lib=""):
+    "Step 2: the chapter's pandoc AST, with the HTML tables of its outputs parsed."
     if ch.path.suffix == ".ipynb":
-        md, tables = notebook_markdown(ch, tmp / "media" / ch.stem)
+        md, tables = notebook_markdown(ch, tmp / "media" / ch.stem, lib)
     else:
         md, tables = markdown_chapter(ch), []
     try:
@@ -702,28 +804,171 @@ def parse_chapter(ch, tmp: Path):
             node["c"][1] = parsed[int(dict(node["c"][0][2])["index"])]
             node["c"][0][1].remove("html-table")
             node["c"][0][2] = []
-            return Div("", ["only-typst"], [node])
+        if node["t"] == "Div" and "cell-output-display" in node["c"][0][1]:
+            return walk(node, lambda n: tidy_table(n) if n["t"] == "Table" else None)
 
-    ch.blocks = walk(doc["blocks"], fill) if tables else doc["blocks"]
+    ch.blocks = walk(doc["blocks"], fill)
+
+    missing, cell = [], [None]
 
     def local_image(node):  # an image file next to the notebook: copy it into media/
+        if node["t"] == "RawBlock" and node["c"][0] == CELL_MARK:
+            cell[0] = node["c"][1]
         if node["t"] == "Image":
             url = node["c"][2][0]
-            if (
-                not re.match(r"^[a-z][a-z0-9+.-]*:|^/", url, re.I)
-                and not (tmp / url).is_file()
-                and (ch.path.parent / unquote(url)).is_file()
-            ):
-                dst = tmp / "media" / ch.stem / unquote(url).replace("/", "_").replace("..", "_")
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(ch.path.parent / unquote(url), dst)
-                node["c"][2][0] = f"media/{ch.stem}/{dst.name}"
+            if re.match(r"^[a-z][a-z0-9+.-]*:|^/", url, re.I) or (tmp / url).is_file():
+                return
+            if not (ch.path.parent / unquote(url)).is_file():
+                missing.append(f"{at(ch, cell[0])}: the image {url} does not exist")
+                return
+            dst = tmp / "media" / ch.stem / unquote(url).replace("/", "_").replace("..", "_")
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(ch.path.parent / unquote(url), dst)
+            node["c"][2][0] = f"media/{ch.stem}/{dst.name}"
 
     ch.blocks = walk(ch.blocks, local_image)
+    if missing:
+        raise BookError("\n".join(missing))
     return doc["pandoc-api-version"]
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+MISSING = {"", "nan", "NaN", "None", "<NA>", "NaT", "null", "—"}
+NUMBER = re.compile(r"^[-+−]?(\d{1,3}(,\d{3})+|\d*)(\.\d+)?([eE][-+]?\d+)?\s?%?$|^[-+−]?inf$")
+
+
+def tidy_table(node):
+    """A table a cell printed (a DataFrame, a Markdown pipe table): missing values shown as "—";
+    columns whose values are all numbers right-aligned, the others left-aligned (where the table
+    does not say)."""
+    _, _, colspecs, head, bodies, foot = node["c"]
+
+    def rows(part_rows):
+        return [row[1] for row in part_rows]
+
+    body_rows = [r for b in bodies for r in rows(b[2]) + rows(b[3])]
+    for cells in body_rows:
+        for cell in cells:
+            if stringify(cell[4]).strip() in MISSING:
+                cell[4] = [Plain([Str("—")])]
+    for j, spec in enumerate(colspecs):
+        values = [stringify(cells[j][4]).strip() for cells in body_rows if j < len(cells)]
+        values = [v for v in values if v != "—"]
+        numeric = bool(values) and all(NUMBER.match(v) and re.search(r"\d|inf", v) for v in values)
+        if spec[0]["t"] == "AlignDefault":
+            spec[0] = {"t": "AlignRight" if numeric else "AlignLeft"}
+    for cells in body_rows + rows(head[1]) + rows(foot[1]):
+        for cell in cells:
+            cell[1] = {"t": "AlignDefault"}  # the column's alignment
+    return node
+
+
+# --------------------------------------------------------------------------------------------------
+# Citations: [@key] with pandoc's citeproc, for the whole book at once
+
+
+def is_crossref(key):
+    "`@sec-x`, `@fig-x`, ...: Quarto's cross-reference syntax, not a citation."
+    label = key[:1].lower() + key[1:]
+    return "-" in label and label.split("-")[0] in CROSSREF_PREFIXES
+
+
+def bibliography_keys(book: Book):
+    "The citation keys of the book's bibliography files (read by pandoc, as citeproc reads them)."
+    keys = set()
+    readers = {".bib": "biblatex", ".bibtex": "bibtex", ".json": "csljson", ".yaml": "markdown"}
+    for path in book.bibliography:
+        src = readers.get(path.suffix.lower(), "biblatex")
+        items = json.loads(pandoc(path.read_text(encoding="utf-8"), src, "csljson", str(path.name)))
+        keys |= {item["id"] for item in items}
+    return keys
+
+
+def collect_citations(ch, keys, book: Book, problems):
+    """The chapter's citations (its Cite nodes that are not cross-references), in order, each with
+    the cross-references cited with it in one [...] (or None); an unknown key is a problem naming
+    the cell."""
+    found, where = [], {"cell": None}
+
+    def visit(node):
+        if node["t"] == "RawBlock" and node["c"][0] == CELL_MARK:
+            where["cell"] = node["c"][1]
+        elif node["t"] == "Cite":
+            ids = [c["citationId"] for c in node["c"][0]]
+            refs = [k for k in ids if is_crossref(k)]
+            unknown = [k for k in ids if k not in keys and not is_crossref(k)]
+            if unknown:
+                names = ", ".join(p.name for p in book.bibliography)
+                problems.append(
+                    f"{at(ch, where['cell'])}: unknown citation key "
+                    + ", ".join("@" + k for k in unknown)
+                    + (f" (not in {names})" if names else " (_quarto.yml names no bibliography)")
+                    + "; write \\@ for a literal @"
+                )
+            elif refs and len(refs) < len(ids):  # [@paper; @sec-x]: "(Paper 2019; Chapter 8)"
+                cited = [c for c in node["c"][0] if not is_crossref(c["citationId"])]
+                tail = {"t": "Cite", "c": [[c for c in node["c"][0] if c not in cited], []]}
+                node = {"t": "Cite", "c": [cited, node["c"][1]]}
+                found.append((node, tail))
+                return node
+            elif not refs:
+                found.append((node, None))
+
+    ch.blocks = walk(ch.blocks, visit)
+    return found
+
+
+def cite_book(book: Book, cites, api_version):
+    """Format every citation of the book in one citeproc run (so that "Touvron et al. 2023a" and
+    the bibliography agree across chapters); returns the bibliography, a Div#refs."""
+    blocks = [{"t": "Para", "c": [c]} for c, _ in cites] + [Div("refs", [], [])]
+    doc = {
+        "pandoc-api-version": api_version,
+        "meta": {"link-citations": {"t": "MetaBool", "c": True}},
+        "blocks": blocks,
+    }
+    args = ["--citeproc", f"--metadata=lang:{book.lang}"]
+    args += [f"--bibliography={b}" for b in book.bibliography]
+    args += [f"--csl={book.csl}"] if book.csl else []
+    out = json.loads(pandoc(json.dumps(doc), "json", "json", "the citations", *args))["blocks"]
+    if len(out) != len(blocks) or any(
+        b["t"] != "Para" or b["c"][0]["t"] != "Cite" for b in out[:-1]
+    ):
+        raise BookError("citeproc returned the citations in an unexpected shape")
+    for (cite, tail), para in zip(cites, out):
+        content = para["c"][0]["c"][1]
+        if tail:  # the cross-references inside the parentheses: "(Paper 2019; Chapter 8)"
+            close = content and content[-1]["t"] == "Str" and content[-1]["c"].endswith(")")
+            if close:
+                content[-1]["c"] = content[-1]["c"][:-1]
+            content += [Str(";"), Space(), tail] + ([Str(")")] if close else [])
+        cite["c"][1] = content
+    return out[-1]
+
+
+def add_references(book: Book, refs):
+    """The bibliography goes where Quarto puts it: into the `references` chapter (its `::: {#refs}`
+    div, else its end) if the book has one, else into an unnumbered chapter at the end."""
+    ch = next((c for c in book.chapters if c.stem == "references"), None)
+    if ch is None:
+        src = book.bibliography[0].name if book.bibliography else "references"
+        ch = Chapter(src=src, path=book.project / "references", page="references.html")
+        header = {"t": "Header", "c": [1, ["references", ["unnumbered"], []], [Str("References")]]}
+        ch.blocks = [header]
+        book.chapters.append(ch)
+    filled = []
+
+    def fill(node):
+        if node["t"] == "Div" and node["c"][0][0] == "refs":
+            filled.append(True)
+            return refs
+
+    ch.blocks = walk(ch.blocks, fill)
+    if not filled:
+        ch.blocks.append(refs)
+    return ch
+
+
+# --------------------------------------------------------------------------------------------------
 # Step 3: numbers and labels
 
 
@@ -743,12 +988,14 @@ class Target:
             "chapter": "Appendix" if self.chapter.appendix else "Chapter",
             "section": "Section",
             "figure": "Figure",
+            "reference": "",
         }
         return f"{name[self.kind]}\u00a0{self.number}"
 
 
 def callout(node):
-    "::: {.callout-KIND} with a `## Title` or title=\"...\" -> Div.callout > Div.callout-title + Div.callout-body."
+    """::: {.callout-KIND} with a `## Title` or title="..." -> Div.callout > Div.callout-title +
+    Div.callout-body."""
     if node["t"] != "Div":
         return None
     (ident, classes, kv), body = node["c"]
@@ -761,7 +1008,7 @@ def callout(node):
     title = title or [Str(CALLOUTS[kind])]
     return Div(
         ident,
-        ["callout", f"callout-{kind}"],
+        ["callout", f"callout-{kind}"] + [c for c in classes if c != f"callout-{kind}"],
         [Div("", ["callout-title"], [Plain(title)]), Div("", ["callout-body"], body)],
     )
 
@@ -787,7 +1034,8 @@ def number_chapter(ch, number, book: Book, labels: dict):
             if level == 1:
                 if ch.title:
                     problems.append(
-                        f"{at(ch, where['cell'])}: a second level-1 heading `# {title}`: a chapter has "
+                        f"{at(ch, where['cell'])}: a second level-1 heading `# {title}`: "
+                        "a chapter has "
                         f"one `# Title`; its sections are `## ...`"
                     )
                 else:
@@ -857,6 +1105,75 @@ def number_chapter(ch, number, book: Book, labels: dict):
             break
 
 
+# What must never reach a reader: markup that leaked into the text, TeX outside maths, a prime ′
+# standing for an apostrophe ("GPT-2′s").
+LEAKS = [
+    (re.compile(r"rgb\(|#text\("), "markup shown as text (`{}`): a formatting call leaked"),
+    (re.compile(r"[_^]\{"), "TeX outside maths (`{}`): write it as $...$"),
+    (re.compile(r"(?<=\w)\u2032(?=[a-z])"), "a prime ′ used as an apostrophe (`{}`): write ' or ’"),
+]
+
+
+def text_problems(where, text):
+    out = []
+    for pattern, message in LEAKS:
+        for m in pattern.finditer(text):
+            snippet = text[max(0, m.start() - 12) : m.end() + 8].replace("\n", " ").strip()
+            out.append(f"{where}: {message.format(snippet)}")
+    return out
+
+
+def prose_problems(ch):
+    """Typography checks on the chapter's prose (its text outside code, maths and raw markup, and
+    the Markdown and tables its cells output), naming the cell; run on every build."""
+    problems, cell = [], [None]
+
+    def visit(x):
+        if isinstance(x, list):
+            for item in x:
+                visit(item)
+        elif isinstance(x, dict):
+            t = x.get("t")
+            if t == "RawBlock" and x["c"][0] == CELL_MARK:
+                cell[0] = x["c"][1]
+            elif t in ("Para", "Plain", "Header"):
+                problems.extend(text_problems(at(ch, cell[0]), prose_text(x["c"])))
+            elif t not in ("CodeBlock", "RawBlock"):
+                visit(x.get("c"))
+
+    visit(ch.blocks)
+    return problems
+
+
+def prose_text(x):
+    "The visible text of inlines, with code, maths and raw markup left out."
+    if isinstance(x, list):
+        return "".join(prose_text(i) for i in x)
+    if not isinstance(x, dict):
+        return ""
+    t = x.get("t")
+    if t == "Str":
+        return x["c"]
+    if t in ("Space", "SoftBreak", "LineBreak"):
+        return " "
+    if t in ("Code", "Math", "RawInline", "Note"):
+        return " "
+    if t in ("Link", "Image", "Span", "Cite", "Quoted"):
+        return prose_text(x["c"][1])
+    return prose_text(x.get("c"))
+
+
+VISIBLE_SKIP = re.compile(
+    r"<(pre|code|math|script|style|summary)\b.*?</\1>|<!--.*?-->", re.S | re.I
+)
+
+
+def html_problems(ch, page):
+    "The same checks on the text a reader sees in the HTML page (code and maths left out)."
+    text = html.unescape(re.sub(r"<[^>]+>", " ", VISIBLE_SKIP.sub(" ", page)))
+    return text_problems(f"{ch.src} (its HTML page)", text)
+
+
 def register(labels, ident, target, ch, cell):
     if ident in labels:
         other = labels[ident].chapter
@@ -876,7 +1193,7 @@ def is_numbered(ch):
     return ch.stem != "index" and not (first and "unnumbered" in first["c"][1][1])
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Step 4: one AST per format, with references resolved
 
 
@@ -885,14 +1202,17 @@ def typst_label(ch, ident, labels):
     return ident if ident in labels else f"{ch.stem}--{ident}"
 
 
-def resolve(ch, fmt, book: Book, labels: dict, problems: list):
+def resolve(ch, fmt, book: Book, labels: dict, problems: list, present=None):
     """The chapter's AST for one format (`html` or `typst`): refs resolved, format-only content
-    chosen, numbers shown."""
+    chosen, numbers shown. `present`: the chapters in the PDF (in a one-chapter preview, links to
+    the others are left as text)."""
     by_path = {c.path: c for c in book.chapters}
     where = {"cell": None}
 
     def href(target_ch, ident):
         if fmt == "typst":
+            if present is not None and target_ch not in present:
+                return ""  # not in this PDF
             return "#" + typst_label(target_ch, ident or target_ch.anchor, labels)
         if not ident or ident == target_ch.anchor:
             return target_ch.page
@@ -919,6 +1239,10 @@ def resolve(ch, fmt, book: Book, labels: dict, problems: list):
         return href(target, frag)
 
     def cite(node):
+        ids = [c["citationId"] for c in node["c"][0]]
+        if not any(is_crossref(k) for k in ids):  # a citation, formatted by citeproc (cite_book)
+            attrs = ["", ["citation"], [["data-cites", " ".join(ids)]]]
+            return {"t": "Span", "c": [attrs, node["c"][1]]}
         out = []
         for n, c in enumerate(node["c"][0]):
             key = c["citationId"]
@@ -937,10 +1261,11 @@ def resolve(ch, fmt, book: Book, labels: dict, problems: list):
             t = labels[label]
             text = t.text(number_only=c["citationMode"]["t"] == "SuppressAuthor")
             prefix = c["citationPrefix"] + ([Space()] if c["citationPrefix"] else [])
+            url = href(t.chapter, label)
             out += (
                 ([Str(","), Space()] if n else [])
                 + prefix
-                + [Link([Str(text)], href(t.chapter, label))]
+                + [Link([Str(text)], url) if url else Str(text)]
                 + c["citationSuffix"]
             )
         return out
@@ -958,22 +1283,48 @@ def resolve(ch, fmt, book: Book, labels: dict, problems: list):
             return cite(node)
         if t == "Link":
             node["c"][2][0] = link_url(node["c"][2][0])
+            if not node["c"][2][0] and fmt == "typst":  # a chapter not in this PDF
+                return {"t": "Span", "c": [["", [], []], node["c"][1]]}
         if t == "Div":
             keep = visible(a, fmt)
             if keep is False:
                 return []
             if keep is True:
                 return node["c"][1]
+        if t == "Div" and "check" in a[1]:  # a cell of asserts: a check, collapsed
+            summary = dict(a[2]).get("summary", "")
+            if fmt == "typst":
+                for block in node["c"][1]:
+                    if block["t"] == "CodeBlock":
+                        block["c"][0][1] = ["pycheck"]  # book.typ sets it small, in a box
+                return node["c"][1]
+            head = (
+                '<details class="check"><summary><span class="check-mark">✓ checked</span>: '
+                f"<code>{html.escape(summary)}</code></summary>"
+            )
+            return [raw("html", head)] + node["c"][1] + [raw("html", "</details>")]
         if fmt == "html":
+            if t == "Math":  # in a box that scrolls, on a phone, when the formula is too wide
+                kind = "math-display" if node["c"][0]["t"] == "DisplayMath" else "math-inline"
+                return {"t": "Span", "c": [["", [kind], []], [node]]}
             if t == "Header":
-                num = dict(node["c"][1][2]).get("number")
+                level, num = node["c"][0], dict(node["c"][1][2]).get("number")
                 node["c"][1][2] = [kv for kv in node["c"][1][2] if kv[0] != "number"]
                 if num:
-                    cls = "chapter-number" if node["c"][0] == 1 else "header-section-number"
+                    cls = "chapter-number" if level == 1 else "header-section-number"
                     node["c"][2] = [
                         raw("html", f'<span class="{cls}">{num}</span>', False),
                         Space(),
                     ] + node["c"][2]
+                if a[0] and level > 1:  # an anchor to link to the section
+                    node["c"][2].append(
+                        raw(
+                            "html",
+                            f' <a class="anchor" href="#{html.escape(a[0])}" aria-label="Link to '
+                            f'this section" data-pagefind-ignore>#</a>',
+                            False,
+                        )
+                    )
             return node
         # Typst
         if a and a[0]:
@@ -999,12 +1350,17 @@ def resolve(ch, fmt, book: Book, labels: dict, problems: list):
                 kind = next(
                     c[8:] for c in classes if c.startswith("callout-") and c[8:] in CALLOUTS
                 )
-                title = stringify(body[0]["c"]).strip()
-                return (
-                    [raw("typst", f"#callout({typst_str(kind)}, {typst_str(title)})[")]
-                    + body[1]["c"][1]
-                    + [raw("typst", "]" + label)]
+                title = body[0]["c"][1][0]["c"]  # Div.callout-title > Plain
+                opening = (
+                    [raw("typst", f"#callout({typst_str(kind)}, [", False)]
+                    + title
+                    + [raw("typst", "])[", False)]
                 )
+                return [Plain(opening)] + body[1]["c"][1] + [raw("typst", "]" + label)]
+            if "csl-entry" in classes:
+                return [raw("typst", "#bibentry[")] + body + [raw("typst", "]" + label)]
+            if "references" in classes:
+                return body
             if "lead" in classes:
                 return [raw("typst", "#lead[")] + body + [raw("typst", "]" + label)]
             if (
@@ -1038,7 +1394,7 @@ def typst_str(s):
     return '"' + str(s).replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ") + '"'
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Step 5: HTML pages and the PDF
 
 
@@ -1051,6 +1407,8 @@ def html_page(ch, body, book: Book, template: string.Template):
             items.append(
                 f'<li class="part">{e(("Part " + number + " · ") if number else "")}{e(title)}</li>'
             )
+        elif c.part is None and part is not None:  # after the parts: the references
+            items.append('<li class="part-end" aria-hidden="true"></li>')
         part = c.part
         num = f'<span class="num">{e(c.number)}</span> ' if c.number else ""
         sub = ""
@@ -1082,14 +1440,29 @@ def html_page(ch, body, book: Book, template: string.Template):
     title_block = ""
     if i == 0:
         title_block = (
-            f'<header class="title-block">\n<p class="book-title"><strong>{e(book.title)}</strong></p>\n'
+            '<header class="title-block">\n'
+            f'<p class="book-title"><strong>{e(book.title)}</strong></p>\n'
             + (f'<p class="subtitle">{e(book.subtitle)}</p>\n' if book.subtitle else "")
             + (f'<p class="author">{e(", ".join(book.authors))}</p>\n' if book.authors else "")
             + (f'<p class="date">{e(book.date)}</p>\n' if book.date else "")
             + "</header>"
         )
     chapter_name = (("Appendix " if ch.appendix else "") + ch.label()) if ch.number else ch.title
+    page_toc = ""
+    if ch.sections:  # the in-page contents, on the right of wide screens
+        page_toc = (
+            '<nav class="page-toc" aria-label="On this page">\n<p class="page-toc-title">On this '
+            'page</p>\n<ul>\n'
+            + "".join(
+                f'<li><a href="#{e(i)}">'
+                + (f'<span class="num">{e(n)}</span> ' if n else "")
+                + f"{e(t)}</a></li>\n"
+                for i, n, t in ch.sections
+            )
+            + "</ul>\n</nav>"
+        )
     return template.substitute(
+        page_toc=page_toc,
         lang=e(book.lang),
         description=e(ch.description or book.subtitle or ""),
         book_title=e(book.title),
@@ -1117,19 +1490,23 @@ def typst_symbols(text: str) -> str:
     return "".join(parts + [OLD_SYMBOL.sub(r"\1o", text[last:])])
 
 
-def typst_document(book: Book, bodies: list) -> str:
+def typst_document(book: Book, bodies: list, chapters=None) -> str:
+    "The whole book (or, for an author's preview, some chapters without title page and contents)."
+    chapters = chapters or book.chapters
+    whole = len(chapters) == len(book.chapters)
     authors = "(" + "".join(typst_str(a) + ", " for a in book.authors) + ")"
     head = [
         f'#import "{TYPST_TEMPLATE}": *',
         f"#show: book.with(title: {typst_str(book.title)}, "
         f"subtitle: {typst_str(book.subtitle) if book.subtitle else 'none'}, authors: {authors}, "
         f"date: {typst_str(book.date) if book.date else 'none'}, paper: {typst_str(book.paper)}, "
-        f"toc: {'true' if book.toc else 'false'}, toc-depth: {book.toc_depth}, lang: {typst_str(book.lang)})",
+        f"toc: {'true' if book.toc and whole else 'false'}, toc-depth: {book.toc_depth}, "
+        f"lang: {typst_str(book.lang)}, cover: {'true' if whole else 'false'})",
         "",
     ]
     out, part = head, None
-    for ch, body in zip(book.chapters, bodies):
-        if ch.part != part and ch.part is not None:
+    for ch, body in zip(chapters, bodies):
+        if ch.part != part and ch.part is not None and whole:
             number, title = book.parts[ch.part]
             out.append(f"#part({typst_str(number) if number else 'none'}, {typst_str(title)})\n")
         part = ch.part
@@ -1137,10 +1514,29 @@ def typst_document(book: Book, bodies: list) -> str:
     return "\n".join(out)
 
 
+def font_paths():
+    """Fonts besides Typst's own (Libertinus Serif, New Computer Modern, DejaVu Sans Mono): DejaVu
+    Sans, which the SVG figures name, from matplotlib (in the venv), so the PDF does not depend on
+    the fonts installed on the machine."""
+    try:
+        import matplotlib
+
+        ttf = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
+    except ImportError:
+        return []
+    return [str(ttf)] if (ttf / "DejaVuSans.ttf").is_file() else []
+
+
 def compile_pdf(tmp: Path, typ_name: str, pdf: Path, source: str):
     typst = need("typst", "typst")
     try:
-        typst.compile(str(tmp / typ_name), output=str(pdf), root=str(tmp), ignore_system_fonts=True)
+        typst.compile(
+            str(tmp / typ_name),
+            output=str(pdf),
+            root=str(tmp),
+            ignore_system_fonts=True,
+            font_paths=font_paths(),
+        )
     except typst.TypstError as e:
         m = re.search(re.escape(typ_name) + r":(\d+):", getattr(e, "diagnostic", "") or "")
         where = "the PDF"
@@ -1155,7 +1551,7 @@ def compile_pdf(tmp: Path, typ_name: str, pdf: Path, source: str):
         raise BookError(f"{where}: Typst failed: {getattr(e, 'message', e)}\n{detail}") from None
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The whole book
 
 
@@ -1169,9 +1565,25 @@ class Result:
     seconds: float
 
 
-def render(project=".", out=None) -> Result:
+ASSETS = ("style.css", "book.js", "favicon.svg")  # tools/book/ files the pages load
+
+
+def select_chapter(book: Book, chapter):
+    "The chapter `--chapter 04` names: the one whose file name starts with it (or is it)."
+    if chapter is None:
+        return None
+    matches = [c for c in book.chapters if c.stem == chapter or c.src == chapter]
+    matches = matches or [c for c in book.chapters if c.stem.startswith(str(chapter))]
+    if len(matches) != 1:
+        names = ", ".join(c.stem for c in matches) or "none"
+        raise BookError(f"--chapter {chapter}: matches {names}; name one chapter of _quarto.yml")
+    return matches[0]
+
+
+def render(project=".", out=None, chapter=None) -> Result:
     """Render the book of `project` into `out` (default: its output-dir); raises BookError naming
-    what is wrong."""
+    what is wrong. With `chapter` ("04"), only that chapter: its HTML page and a PDF of it alone
+    (<name>.pdf), written into `out` beside the rest of the book, which is left as it is."""
     start = time.time()
     for module, package in (
         ("yaml", "pyyaml"),
@@ -1181,13 +1593,27 @@ def render(project=".", out=None) -> Result:
         need(module, package)
     project = Path(project).resolve()
     book = read_config(project)
+    only = select_chapter(book, chapter)
     out = Path(out).resolve() if out else project / book.output_dir
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".book-tmp-", dir=out.parent))
+    clean_stale(out.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the book is for reading
     try:
         with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-            api_version = list(pool.map(lambda ch: parse_chapter(ch, tmp), book.chapters))[0]
+            keys = pool.submit(bibliography_keys, book)
+            api_version = list(
+                pool.map(lambda ch: parse_chapter(ch, tmp, book.lib_name), book.chapters)
+            )[0]
+
+            problems, cites = [], []
+            for ch in book.chapters:
+                cites += collect_citations(ch, keys.result(), book, problems)
+            if problems:
+                raise BookError("\n".join(dict.fromkeys(problems)))
+            references = None
+            if cites:
+                references = add_references(book, cite_book(book, cites, api_version))
 
             labels, n_chapter, n_appendix = {}, 0, 0
             for ch in book.chapters:
@@ -1199,10 +1625,16 @@ def render(project=".", out=None) -> Result:
                     n_chapter += 1
                     number = str(n_chapter)
                 number_chapter(ch, number if book.number_sections else None, book, labels)
+            if references:
+                for entry in walk_nodes(references.blocks, "Div"):
+                    if "csl-entry" in entry["c"][0][1]:
+                        target = Target(references, "reference", None, stringify(entry["c"][1]))
+                        register(labels, entry["c"][0][0], target, references, None)
 
-            problems = []
+            chapters = [only] if only else book.chapters
+            problems += [p for ch in chapters for p in prose_problems(ch)]
             asts = {
-                fmt: [resolve(ch, fmt, book, labels, problems) for ch in book.chapters]
+                fmt: [resolve(ch, fmt, book, labels, problems, chapters) for ch in chapters]
                 for fmt in ("html", "typst")
             }
             if problems:
@@ -1216,46 +1648,103 @@ def render(project=".", out=None) -> Result:
 
             # Typst first: while it typesets (it releases the GIL), pandoc writes the HTML pages.
             typst_bodies = [
-                pool.submit(write, ch, b, "typst") for ch, b in zip(book.chapters, asts["typst"])
+                pool.submit(write, ch, b, "typst") for ch, b in zip(chapters, asts["typst"])
             ]
             html_bodies = [
-                pool.submit(write, ch, b, "html") for ch, b in zip(book.chapters, asts["html"])
+                pool.submit(write, ch, b, "html") for ch, b in zip(chapters, asts["html"])
             ]
 
-            source = typst_document(book, [f.result() for f in typst_bodies])
-            typ_name = f"{book.output_file}.typ"
+            source = typst_document(book, [f.result() for f in typst_bodies], chapters)
+            name = only.stem if only else book.output_file
+            typ_name = f"{name}.typ"
             shutil.copyfile(TEMPLATES / "book.typ", tmp / TYPST_TEMPLATE)
             (tmp / typ_name).write_text(source, encoding="utf-8")
-            pdf = tmp / f"{book.output_file}.pdf"
+            pdf = tmp / f"{name}.pdf"
             compile_pdf(tmp, typ_name, pdf, source)
             (tmp / typ_name).unlink()
             (tmp / TYPST_TEMPLATE).unlink()
 
             template = string.Template((TEMPLATES / "page.html").read_text(encoding="utf-8"))
-            for ch, body in zip(book.chapters, html_bodies):
-                (tmp / ch.page).write_text(
-                    html_page(ch, body.result(), book, template), encoding="utf-8"
-                )
-            shutil.copyfile(TEMPLATES / "style.css", tmp / "style.css")
+            for ch, body in zip(chapters, html_bodies):
+                page = html_page(ch, body.result(), book, template)
+                problems += html_problems(ch, page)
+                (tmp / ch.page).write_text(page, encoding="utf-8")
+            if problems:
+                raise BookError("\n".join(dict.fromkeys(problems)))
+            for asset in ASSETS:
+                shutil.copyfile(TEMPLATES / asset, tmp / asset)
         pages = len(re.findall(rb"/Type\s*/Page(?![a-zA-Z])", pdf.read_bytes()))
-        publish(tmp, out)
+        if only:
+            publish_chapter(tmp, out, only)
+        else:
+            search_index(tmp)
+            publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return Result(
-        chapters=len(book.chapters),
+        chapters=len(chapters),
         pages=pages,
         pdf=out / pdf.name,
-        html=[out / ch.page for ch in book.chapters],
+        html=[out / ch.page for ch in chapters],
         typst_source=source,
         seconds=time.time() - start,
     )
+
+
+def search_index(site: Path):
+    "Pagefind's full-text index of the pages (and its search UI files), into site/pagefind/."
+    try:
+        import pagefind  # noqa: F401  (the binary comes with pagefind[bin])
+    except ImportError:
+        raise BookError(
+            "the Python package `pagefind[bin]` is missing (the HTML book's search): "
+            "`pip install 'pagefind[bin]'` in the venv, or run `make book`"
+        ) from None
+    cmd = [sys.executable, "-m", "pagefind", "--site", str(site), "--output-subdir", "pagefind"]
+    r = subprocess.run(cmd + ["--keep-index-url", "--silent"], capture_output=True, text=True)
+    if r.returncode != 0 or not (site / "pagefind" / "pagefind-ui.js").is_file():
+        raise BookError(f"pagefind (the search index) failed: {(r.stderr or r.stdout).strip()}")
+
+
+TMP_PREFIX = ".book-tmp-"  # .book-tmp-<pid>-xxxx: a build's working directory next to the book
+
+
+def clean_stale(parent: Path):
+    """Remove the working directories of builds that were killed: those whose process is gone
+    (and, of an older renderer without the pid in the name, those over an hour old)."""
+    for d in parent.glob(TMP_PREFIX + "*"):
+        m = re.match(re.escape(TMP_PREFIX) + r"(?:old-)?(\d+)-", d.name)
+        if m:
+            try:
+                os.kill(int(m[1]), 0)
+                continue  # a build still running
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue
+        elif time.time() - d.stat().st_mtime < 3600:
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def publish_chapter(tmp: Path, out: Path, ch):
+    "One chapter's page, media, PDF and the assets, into the book directory (each file replaced)."
+    out.mkdir(parents=True, exist_ok=True)
+    files = [ch.page, f"{ch.stem}.pdf", *ASSETS]
+    media = tmp / "media" / ch.stem
+    files += [str(f.relative_to(tmp)) for f in media.rglob("*") if f.is_file()]
+    if (out / "media" / ch.stem).exists():
+        shutil.rmtree(out / "media" / ch.stem)
+    for name in files:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp / name, out / name)
 
 
 def publish(tmp: Path, out: Path):
     "Put the new book in place of the old one: two renames, so a reader never sees half a book."
     old = None
     if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=".book-tmp-old-", dir=out.parent))
+        old = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}old-{os.getpid()}-", dir=out.parent))
         old.rmdir()
         out.rename(old)
     try:
@@ -1276,16 +1765,22 @@ def main(argv=None):
     ap.add_argument(
         "--out", default=None, help="output directory (default: project.output-dir of _quarto.yml)"
     )
+    ap.add_argument(
+        "--chapter",
+        default=None,
+        help="render only this chapter (`04` or `04_attention`): its HTML page and <name>.pdf",
+    )
     args = ap.parse_args(argv)
     try:
-        r = render(args.project, args.out)
+        r = render(args.project, args.out, args.chapter)
     except BookError as e:
         print(f"render_book: error: {e}", file=sys.stderr)
         return 1
     rel = lambda p: os.path.relpath(p)
     print(
-        f"render_book: {r.chapters} chapters, {r.pages} PDF pages, in {r.seconds:.1f} s\n"
-        f"  {rel(r.pdf)}\n  {rel(r.html[0])} (+{len(r.html) - 1} chapter pages)"
+        f"render_book: {r.chapters} chapter{'s' if r.chapters > 1 else ''}, {r.pages} PDF pages, "
+        f"built in {r.seconds:.1f} s\n  {rel(r.pdf)}\n  {rel(r.html[0])}"
+        + (f" (+{len(r.html) - 1} chapter pages)" if len(r.html) > 1 else "")
     )
     return 0
 
