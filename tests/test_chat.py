@@ -294,6 +294,95 @@ def test_cli_help_lists_chat_and_eval(capsys, monkeypatch):
     assert r.returncode == 0 and "--quick" in r.stdout and "--run" in r.stdout
 
 
+def test_cli_version(capsys):
+    from minillm import __version__
+    from minillm.cli import main
+
+    assert main(["--version"]) == 0 and main(["-V"]) == 0
+    assert capsys.readouterr().out == f"minillm {__version__}\n" * 2
+    r = minillm("--version")  # the installed command
+    assert r.returncode == 0 and r.stdout == f"minillm {__version__}\n"
+    r = subprocess.run(
+        [sys.executable, "-m", "minillm.cli", "--version"], capture_output=True, text=True
+    )  # the module as a program, for a Python whose scripts are not on the PATH
+    assert r.returncode == 0 and r.stdout == f"minillm {__version__}\n" and not r.stderr
+
+
+def test_cli_help_shows_choices_and_the_cache(capsys, monkeypatch, tmp_path):
+    from minillm.cli import PRESET_NAMES, main
+    from minillm.train import PRESETS
+
+    assert PRESET_NAMES == tuple(PRESETS)  # the names --help lists are the presets that exist
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.setenv("MINILLM_CACHE", str(tmp_path / "cache"))
+    helps = {}
+    for name in ("train", "sample", "tokenize", "chat", "eval"):
+        with pytest.raises(SystemExit) as e:
+            main([name, "--help"])
+        assert e.value.code == 0
+        helps[name] = capsys.readouterr().out
+        assert f"cache: {tmp_path / 'cache'} (set MINILLM_CACHE" in helps[name]
+    assert "--preset {austen-tiny,austen-15m,gpt2-124m}" in helps["train"]
+    assert "--dtype {float32,bfloat16}" in helps["train"]
+    assert f"(default: {tmp_path / 'cache'}/runs/<preset>-<recipe hash>)" in helps["train"]
+    assert f"(default: {tmp_path / 'cache'}/runs/austen-tiny-<recipe hash>)" in helps["sample"]
+    assert (
+        "--kind {bpe,char}" in helps["tokenize"] and "--split {train,val,all}" in helps["tokenize"]
+    )
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "presets: austen-tiny, austen-15m, gpt2-124m" in out and "MINILLM_CACHE" in out
+    with pytest.raises(SystemExit) as e:
+        main(["tokenize", "--split", "test"])  # refused by argparse, before any work
+    assert e.value.code == 2 and "invalid choice: 'test'" in capsys.readouterr().err
+
+
+def test_cli_help_imports_nothing_heavy():
+    "`--help` is quick: PyTorch, NumPy and tiktoken are imported by the commands, not for help."
+    code = (
+        "import contextlib, io, sys\n"
+        "from minillm.cli import COMMANDS, main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    main(['--help']), main(['--version'])\n"
+        "    for name in COMMANDS:\n"
+        "        with contextlib.suppress(SystemExit):\n"
+        "            main([name, '--help'])\n"
+        "heavy = {'torch', 'numpy', 'tiktoken', 'pandas', 'minillm.train'}\n"
+        "print(sorted(heavy & set(sys.modules)))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout == "[]\n", r.stderr
+
+
+@pytest.mark.parametrize("command", ["train", "sample", "chat", "eval"])
+def test_cli_unavailable_device_fails_before_writing(command, capsys, monkeypatch, tmp_path):
+    import torch
+
+    from minillm.cli import main
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MINILLM_CACHE", str(cache))
+    monkeypatch.chdir(tmp_path)
+    out = ["--out", "run"] if command == "train" else ["--run", "run"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a machine without a GPU
+    for device, msg in [
+        ("cuda", "--device 'cuda': this machine has no CUDA GPU; use --device cpu"),
+        ("gpu", "--device 'gpu': not a device; expected cpu, cuda, cuda:<n> or mps"),
+        ("meta", "--device 'meta': not a device"),
+        ("cuda:x", "--device 'cuda:x': not a device"),
+    ]:
+        assert main([command, *out, "--device", device]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"minillm {command}: {msg}") and err.count("\n") == 1, err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # one GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert main([command, *out, "--device", "cuda:1"]) == 1
+    err = capsys.readouterr().err
+    msg = "--device 'cuda:1': this machine has 1 CUDA GPU(s), cuda:0 to cuda:0"
+    assert err == f"minillm {command}: {msg}\n"
+    assert list(tmp_path.iterdir()) == []  # no run directory, no cache, no tokenizer
+
+
 @pytest.fixture(scope="module")
 def run(model_tok):
     return str(run_dir("austen-tiny"))

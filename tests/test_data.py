@@ -3,7 +3,10 @@ cache, and errors; the atomic file writes every module uses."""
 
 import http.server
 import json
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -190,3 +193,30 @@ def test_atomic_write_failure_keeps_the_old_file(tmp_path):
     with pytest.raises(TypeError):
         atomic_write(p, ["not bytes"])
     assert p.read_bytes() == b"old" and [f.name for f in tmp_path.iterdir()] == ["a.bin"]
+
+
+def test_debian_source_without_rdata_names_the_extra(cache, monkeypatch, tmp_path):
+    "rdata (with pandas and xarray) is the optional extra minillm[debian]; without it, one message."
+    monkeypatch.setitem(sys.modules, "rdata", None)  # `import rdata` raises ImportError
+    monkeypatch.setattr(
+        subprocess, "run", lambda *a, **k: pytest.fail("tried to download without rdata")
+    )
+    with pytest.raises(CorpusUnavailable, match=r"pip install 'minillm\[debian\]'"):
+        data.novels_from_debian(tmp_path)
+    monkeypatch.setenv(
+        "MINILLM_GUTENBERG_URL", "http://127.0.0.1:9"
+    )  # refused: no Gutenberg either
+    with pytest.raises(CorpusUnavailable, match=r"- debian: .*pip install 'minillm\[debian\]'"):
+        load_novels()
+    with pytest.raises(CorpusUnavailable, match=r"minillm\[debian\]"):
+        load_novels("debian")
+
+
+def test_rdata_is_an_optional_extra():
+    "pyproject: rdata is not a dependency of minillm, it is the extra `debian` (and in `dev`)."
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    assert not any(d.startswith("rdata") for d in project["dependencies"])
+    extras = project["optional-dependencies"]
+    assert any(d.startswith("rdata") for d in extras["debian"])
+    assert any(d.startswith("rdata") for d in extras["dev"])

@@ -281,6 +281,58 @@ def test_decode_invalid_utf8_and_bad_ids(tok):
             tok.decode([5, bad])
 
 
+def test_bad_input_types(tok):
+    "Bytes are not text, 1.5 is not an id: both are TypeErrors that say what was expected."
+    chars = CharTokenizer().train("abc", special_tokens=())
+    for t in (tok, chars):
+        for enc in (t.encode, getattr(t, "encode_reference", t.encode)):
+            with pytest.raises(TypeError, match=r"expected the text as a str, got bytes; decode"):
+                enc(b"abc")
+            with pytest.raises(TypeError, match=r"expected the text as a str, got NoneType$"):
+                enc(None)
+        with pytest.raises(TypeError, match=r"expected the text as a str, got bytes"):
+            type(t)().train(b"abc", 300 if t is tok else None)
+        for bad in ([1.5], [1, "7"], [True], np.array([1.0]), 7, "12"):
+            with pytest.raises(TypeError, match="token ids must be integers|a sequence of token"):
+                t.decode(bad)
+        assert t.decode(np.array([0, 1], dtype=np.int64)) == t.decode([np.int32(0), 1])
+        with pytest.raises(ValueError, match=f"token id {t.vocab_size} is not in the vocabulary"):
+            t.decode([0, t.vocab_size])
+    with pytest.raises(TypeError, match="expected the text as a str, got bytes"):
+        encode_to_file(tok, b"abc", "unused.bin")
+
+
+def test_long_whitespace_runs(tok):
+    "1.2 million spaces (tiktoken's regex alone fails past about a million): the reference's ids."
+    s = "Emma" + " " * 1_200_000 + "Woodhouse"
+    ids = tok.encode(s)
+    assert ids == tok.encode_reference(s) and tok.decode(ids) == s and len(ids) == 75_005
+    s = "\t" * 1_100_000 + "x<|endoftext|>" + " " * 70_000
+    ids = tok.encode(s, allowed_special="all")
+    assert ids == tok.encode_reference(s, allowed_special="all") and tok.decode(ids) == s
+
+
+WHITE = st.lists(
+    st.one_of(
+        st.sampled_from([" ", "\t", "\n", "\r\n", "\u00a0", "\u3000", "x", ".", "'s", " the", "7"]),
+        st.integers(1, 40).map(lambda n: " " * n),
+    ),
+    max_size=30,
+).map("".join)
+
+
+@examples(300)
+@given(WHITE, st.sampled_from([GPT4_SPLIT_PATTERN, GPT2_SPLIT_PATTERN]))
+def test_long_run_path_equals_reference(tok, monkeypatch, s, pattern):
+    "The slow path, with the threshold lowered to 3 so that short texts take it: the same ids."
+    import minillm.tokenizer as T
+
+    t = tok if pattern == GPT4_SPLIT_PATTERN else BPETokenizer.from_merges(tok.merges, pattern)
+    monkeypatch.setattr(T, "_LONG_RUN", 3)
+    assert t.encode(s) == t.encode_reference(s)
+    assert t._encode_long_runs(s) == t.to_tiktoken().encode_ordinary(s)
+
+
 def test_vocab_size_checked():
     with pytest.raises(
         ValueError, match=r"vocab_size=260: must be an int of at least 256 .* \+ 5 .* = 261"
