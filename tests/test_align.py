@@ -1,4 +1,4 @@
-"Alignment (minillm.align): log-probabilities, GAE, the reward model, PPO and DPO on a tiny model."
+"Alignment (minillm.align): log-probabilities, GAE, the reward model, PPO, DPO and GRPO."
 
 import copy
 import math
@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from minillm.align import (
+    GRPOConfig,
     PPOConfig,
     RewardModel,
     ValueHead,
@@ -15,6 +16,9 @@ from minillm.align import (
     dpo_loss,
     fact_preferences,
     gae,
+    group_advantages,
+    grpo,
+    grpo_loss,
     implicit_pair_accuracy,
     ppo,
     sample_responses,
@@ -170,3 +174,70 @@ def test_ppo_shuffles_each_epoch_and_clips_policy_and_value_apart(model, tok, mo
     )
     assert clipped and all(c in (value_ids, policy_ids) for c in clipped)
     assert clipped.count(value_ids) == clipped.count(policy_ids) == 3 * 2  # each minibatch step
+
+
+def test_group_advantages_sum_to_zero_and_vanish_when_rewards_are_equal():
+    r = torch.tensor([[1.0, 0, 0, 1], [0.0, 0, 0, 1], [1.0, 1, 1, 1]])
+    adv = group_advantages(r)
+    assert torch.allclose(adv.sum(1), torch.zeros(3), atol=1e-5)
+    assert torch.equal(adv[2], torch.zeros(4))  # all right: nothing to learn from
+    # (r - mean) / std with the population std: ±1 for a half-right group, up to eps
+    assert torch.allclose(adv[0], torch.tensor([1.0, -1, -1, 1]), atol=1e-3)
+    assert torch.allclose(adv[1], torch.tensor([-1, -1, -1, 3]) / math.sqrt(3), atol=1e-3)
+
+
+def test_grpo_loss_matches_a_hand_computation():
+    # two answers of two and one tokens; ratios π/π_old e^0.1, 1 and e^-0.5; π_ref gives
+    # log-ratios log π_ref − log π of 0, -0.2 and 0.3
+    logp = torch.tensor([[-1.0, -2.0], [-0.5, 0.0]], requires_grad=True)
+    old = torch.tensor([[-1.1, -2.0], [0.0, 0.0]])
+    ref = torch.tensor([[-1.0, -2.2], [-0.2, 0.0]])
+    mask = torch.tensor([[1.0, 1], [1, 0]])
+    adv = torch.tensor([1.0, -1.0])
+    loss = grpo_loss(logp, old, ref, adv, mask, clip=0.2, kl_coef=0.1)
+    k3 = lambda d: math.exp(d) - d - 1
+    # answer 1 (A = +1): min(ρA, clip(ρ)A) = e^0.1 (inside [0.8, 1.2]) and 1
+    a1 = ((math.exp(0.1) - 0.1 * k3(0.0)) + (1.0 - 0.1 * k3(-0.2))) / 2
+    # answer 2 (A = −1): ρ = e^−0.5 < 0.8, min(−ρ, −0.8) = −0.8
+    a2 = -0.8 - 0.1 * k3(0.3)
+    assert abs(loss.item() - -(a1 + a2) / 2) < 1e-6
+    loss.backward()
+    # the clipped token of answer 2 gets only the KL's gradient, β(1 − e^d)/2 with d = 0.3
+    assert abs(logp.grad[1, 0].item() - 0.1 * (1 - math.exp(0.3)) / 2) < 1e-6
+    assert logp.grad[1, 1].item() == 0  # padding
+
+
+def test_grpo_with_equal_rewards_does_not_move_the_policy(model, tok):
+    ref = copy.deepcopy(model).eval()
+    before = [p.detach().clone() for p in model.parameters()]
+    hist = grpo(
+        model,
+        ref,
+        tok,
+        [dict(prompt="Where?", response="Bath")] * 4,
+        GRPOConfig(prompts_per_step=2, group_size=4, max_new_tokens=3),
+        2,
+        reward_fn=lambda answers, tasks: torch.ones(len(answers)),
+    )
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert [r["mixed_groups"] for r in hist] == [0.0, 0.0] and hist[0]["kl"] == 0.0
+
+
+def test_grpo_moves_toward_the_reward(model, tok):
+    ref = copy.deepcopy(model).eval()
+
+    def reward_fn(answers, tasks):  # the share of characters that are in "Bath": any answer
+        return torch.tensor([sum(c in "Bath" for c in a) / max(1, len(a)) for a in answers])
+
+    hist = grpo(
+        model,
+        ref,
+        tok,
+        [dict(prompt="Where?", response="Bath")] * 4,
+        GRPOConfig(prompts_per_step=2, group_size=8, max_new_tokens=4, lr=1e-2, epochs=2),
+        20,
+        reward_fn=reward_fn,
+    )
+    assert len(hist) == 20 and hist[0]["kl"] == 0.0 and hist[-1]["kl"] > 0
+    first, last = (sum(r["reward"] for r in hist[i : i + 5]) / 5 for i in (0, 15))
+    assert last > first + 0.1
