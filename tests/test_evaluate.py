@@ -11,18 +11,26 @@ import torch
 
 from minillm.evaluate import (
     COLUMNS,
+    QUESTION_FORMATS,
     answer,
+    as_choice_item,
     completion_sampler,
     confidence_interval,
+    contamination,
     format_table,
     multiple_choice_accuracy,
     paired_standard_error,
+    question_items,
     score_choices,
+    sliding_window_bpc,
     standard_error,
     task_accuracy,
+    word_ngrams,
+    words,
 )
 from minillm.model import GPT, GPTConfig
 from minillm.tokenizer import BPETokenizer
+from minillm.train import evaluate_bpc
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TEXT = (
@@ -293,3 +301,91 @@ def test_bad_input_names_the_value(model, tok):
         answer(tiny(no_chat), no_chat, "Hi")
     with pytest.raises(ValueError, match="no <\\|endoftext\\|>"):
         score_choices(tiny(no_chat), no_chat, "", [" a"])
+
+
+def manual_loss(model, ids: list[int], t: int, start: int) -> float:
+    "-log p(ids[t] | ids[start:t]), one forward pass on exactly that history."
+    with torch.no_grad():
+        logits, _ = model(torch.tensor([ids[start:t]]))
+    return -torch.log_softmax(logits[0, -1], dim=-1)[ids[t]].item()
+
+
+def test_sliding_window_scores_each_token_once_with_enough_history(model, tok):
+    text, T = TEXT * 3, model.config.context_length  # about 3 windows of 32
+    ids = tok.encode(text)
+    whole = sliding_window_bpc(model, tok, text)  # stride = T: non-overlapping windows
+    ref = evaluate_bpc(model, tok, text)
+    assert whole["tokens"] == ref["tokens"] == len(ids) - 1 and whole["min_context"] == 1
+    assert whole["loss"] == pytest.approx(ref["loss"], rel=1e-4)
+    assert whole["bits_per_char"] == pytest.approx(ref["bits_per_char"], rel=1e-4)
+    for s in (1, 5, 16):
+        r = sliding_window_bpc(model, tok, text, stride=s, batch_size=3)
+        assert r["tokens"] == len(ids) - 1 and r["min_context"] == T - s + 1
+        assert r["windows"] == math.ceil((len(ids) - 1) / s)
+        # by hand: token t is predicted from the T tokens before the end of its block of s
+        # targets (blocks start at 1, 1 + s, ...), or from the start of the text
+        total = 0.0
+        for t in range(1, len(ids)):
+            start = max(0, ((t - 1) // s + 1) * s - T)  # a full block of s would end there
+            assert t - start >= min(t, T - s + 1)
+            total += manual_loss(model, ids, t, start)
+        assert r["loss"] == pytest.approx(total / (len(ids) - 1), rel=1e-4)
+        assert r["perplexity"] == pytest.approx(math.exp(r["loss"]))
+    with pytest.raises(ValueError, match="stride=0"):
+        sliding_window_bpc(model, tok, text, stride=0)
+    with pytest.raises(ValueError, match="stride=33"):
+        sliding_window_bpc(model, tok, text, stride=33)
+    with pytest.raises(ValueError, match="nothing to predict"):
+        sliding_window_bpc(model, tok, "It")
+
+
+def test_words_and_ngrams():
+    assert words("Mr. Darcy's  PRIDE,\nand-prejudice 1813") == [
+        "mr", "darcy", "s", "pride", "and", "prejudice", "1813"
+    ]  # fmt: skip
+    assert word_ngrams("a b c d", 3) == {("a", "b", "c"), ("b", "c", "d")}
+    assert word_ngrams("a b", 3) == set()
+    with pytest.raises(ValueError, match="n=0"):
+        word_ngrams("a b", 0)
+
+
+def test_contamination_finds_shared_ngrams():
+    reference = TEXT  # 23 words
+    thirteen = " ".join(TEXT.split()[3:16])
+    items = [
+        thirteen.upper() + "!!",  # 13 words of the reference, case and punctuation aside
+        "It is a truth universally acknowledged, that a single woman in possession of a fortune",
+        "a single man",  # shorter than 13 words: all of it is in the reference
+        "single a man",  # shorter, but not in that order
+        "",
+    ]
+    assert contamination(items, reference) == [True, False, True, False, False]
+    assert contamination(items[:2], reference, n=5) == [True, True]  # 5-grams match the second
+    # a list of documents: n-grams do not run across two documents
+    a, b = " ".join(TEXT.split()[:8]), " ".join(TEXT.split()[8:16])
+    assert contamination([thirteen], [a, b]) == [False] and contamination(
+        [thirteen], [a + " " + b]
+    ) == [True]
+    assert contamination(["man in possession"], [a, b]) == [True]
+    assert contamination(["fortune must"], [a, b]) == [False]  # across the documents' boundary
+    with pytest.raises(ValueError, match="items is a string"):
+        contamination("a b c", reference)
+
+
+def test_question_items_formats(model, tok):
+    item = dict(question="Whom does Emma marry?", choices=["Mr. Knightley", "Mr. Elton"], label=1)
+    harness = question_items(tok, [item])[0]
+    assert (harness["context"], harness["choices"]) == as_choice_item(item) and harness[
+        "label"
+    ] == 1
+    assert question_items(tok, [item], "Q/A")[0]["context"] == "Q: Whom does Emma marry?\nA:"
+    assert question_items(tok, [item], "bare")[0]["context"] == "Whom does Emma marry?"
+    chat = question_items(tok, [item], "chat")[0]
+    assert chat["choices"] == item["choices"] and isinstance(chat["context"], list)
+    assert tok.decode(chat["context"]) == "<|user|>Whom does Emma marry?<|end|><|assistant|>"
+    assert set(QUESTION_FORMATS) == {"Question/Answer", "Q/A", "bare", "chat"}
+    for fmt in QUESTION_FORMATS:  # every format scores
+        r = multiple_choice_accuracy(model, tok, question_items(tok, [item], fmt), pmi=False)
+        assert r["n"] == 1 and r["chance"] == 0.5
+    with pytest.raises(ValueError, match="prompt_format='QA'"):
+        question_items(tok, [item], "QA")
