@@ -62,6 +62,10 @@ def test_notebook_code_fits():
         for i, cell in enumerate(cells):
             if cell["cell_type"] == "code":
                 bad += _too_long("".join(cell["source"]).split("\n"), f"{nb.name} cell {i}")
+            else:  # code shown in a fenced block of a markdown cell is set in the same box
+                fenced = re.findall(r"^```[^\n]*\n(.*?)^```", "".join(cell["source"]), re.M | re.S)
+                for block in fenced:
+                    bad += _too_long(block.split("\n"), f"{nb.name} cell {i} (fenced code)")
     assert not bad, "\n".join(bad)
 
 
