@@ -1,8 +1,7 @@
 """Data parallelism: 2 ranks x batch B take the same step as 1 process x batch 2B; each rank draws
-its own,
-reproducible batches; `train_ddp` keeps the ranks identical, writes a checkpoint and resumes from it
-to the bit.
-Two processes on 127.0.0.1 (gloo)."""
+its own, reproducible batches; `train` (the one loop, data-parallel in a process group) keeps the
+ranks identical, writes a checkpoint and resumes from it to the bit. Two processes on 127.0.0.1
+(gloo)."""
 
 import json
 
@@ -17,14 +16,13 @@ from minillm.distributed import (
     run_local,
     setup,
     shard,
-    train_ddp,
     unwrap,
     world,
     wrap_ddp,
 )
 from minillm.embeddings import random_batch
 from minillm.model import GPT, GPTConfig
-from minillm.train import TrainConfig, load_checkpoint
+from minillm.train import TrainConfig, TrainingDiverged, load_checkpoint, train
 
 TINY = dict(family="gpt2", vocab_size=64, context_length=16, n_layer=2, n_head=2, n_embd=32)
 TOKENS = np.random.default_rng(0).integers(0, 64, 5_000).astype(np.uint16)
@@ -46,7 +44,7 @@ def _train_worker(rank, world_size, out_dir):
         eval_interval=2,
         eval_batches=2,
     )
-    history = train_ddp(model, TOKENS[:4000], TOKENS[4000:], cfg, out_dir)
+    history = train(model, TOKENS[:4000], TOKENS[4000:], cfg, out_dir, progress=False)
     return {
         "weights": dict(model.state_dict()),
         "history": [r["val_loss"] for r in history],
@@ -69,16 +67,40 @@ RESUME_CFG = dict(
 
 
 def _dropout_masks(rank, world_size):
-    """One step of `train_ddp` with dropout 0.5: the positions the first dropout layer zeroed in
-    this rank's first training forward pass."""
+    """One step of `train` in a process group, with dropout 0.5: the positions the first dropout
+    layer zeroed in this rank's first training forward pass."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(**{**TINY, "dropout": 0.5}))
     drop = next(m for m in model.modules() if isinstance(m, torch.nn.Dropout))
     masks = []
     drop.register_forward_hook(lambda m, i, o: masks.append(o == 0) if m.training else None)
     cfg = TrainConfig(batch_size=4, context_length=16, max_steps=1, warmup_steps=0, eval_batches=1)
-    train_ddp(model, TOKENS[:4000], TOKENS[4000:], cfg)
+    train(model, TOKENS[:4000], TOKENS[4000:], cfg, progress=False)
     return masks[0]
+
+
+def _diverge(rank, world_size):
+    """Rank 1's loss becomes NaN in its third step: both ranks must stop at that step with
+    `TrainingDiverged` (none may wait for the other at a collective that never comes)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**TINY))
+    forward, calls = model.forward, []
+
+    def poisoned(x, y=None, **kw):
+        logits, loss = forward(x, y, **kw)
+        if model.training and rank == 1:
+            calls.append(1)
+            if len(calls) == 3:
+                loss = loss * float("nan")
+        return logits, loss
+
+    model.forward = poisoned
+    cfg = TrainConfig(batch_size=4, context_length=16, max_steps=10, warmup_steps=1)
+    try:
+        train(model, TOKENS[:4000], TOKENS[4000:], cfg, progress=False)
+    except TrainingDiverged as e:
+        return str(e)
+    return "no error"
 
 
 def _worker(rank, world_size, out_dir, resume_dir):
@@ -91,6 +113,7 @@ def _worker(rank, world_size, out_dir, resume_dir):
             rank, world_size, RESUME_MODEL, RESUME_CFG, TOKENS[:4000], TOKENS[4000:]
         ),
         "masks": _dropout_masks(rank, world_size),
+        "diverged": _diverge(rank, world_size),
         "stopped": ddp_run(
             rank, world_size, RESUME_MODEL, RESUME_CFG, TOKENS[:4000], TOKENS[4000:], resume_dir, 3
         ),
@@ -154,7 +177,7 @@ def test_single_process_without_torchrun(monkeypatch):
         setup()
 
 
-def test_train_ddp_keeps_ranks_identical_and_saves(ranks):
+def test_train_in_a_process_group_keeps_ranks_identical_and_saves(ranks):
     (r0, r1), tmp_path = [r["train"] for r in ranks[0]], ranks[1]
     for k, v in r0["weights"].items():
         assert torch.equal(v, r1["weights"][k]), k
@@ -167,7 +190,7 @@ def test_train_ddp_keeps_ranks_identical_and_saves(ranks):
         assert torch.equal(v, r0["weights"][k]), k
 
 
-def test_train_ddp_resumes_bit_identical(ranks):
+def test_train_in_a_process_group_resumes_bit_identical(ranks):
     """6 steps straight == 3 steps, stop (checkpoint off the interval), resume in new processes: the
     same bits."""
     straight, stopped = [r["straight"] for r in ranks[0]], [r["stopped"] for r in ranks[0]]
@@ -191,11 +214,12 @@ def test_train_ddp_resumes_bit_identical(ranks):
         and resumed[1]["history"] == []
     )
     assert [r["step"] for r in resumed[0]["history"]] == [2, 4, 6]
+    assert resumed[0]["log"] == "resuming from step 3 of 6\n" and resumed[1]["log"] == ""
     assert json.loads((resume_dir / "ckpt" / "state.json").read_text())["step"] == 6
     with pytest.raises(
         ValueError, match="written by 2 rank"
     ):  # one process cannot take over two ranks' samplers
-        train_ddp(
+        train(
             GPT(GPTConfig(**RESUME_MODEL)),
             TOKENS[:4000],
             TOKENS[4000:],
@@ -210,3 +234,8 @@ def test_ranks_draw_different_dropout_masks(ranks):
     m0, m1 = (r["masks"] for r in ranks[0])
     assert m0.shape == m1.shape and 0.3 < m0.float().mean() < 0.7  # about half the entries dropped
     assert not torch.equal(m0, m1)
+
+
+def test_a_nan_on_one_rank_stops_every_rank(ranks):
+    messages = [r["diverged"] for r in ranks[0]]
+    assert all(m.startswith("loss is nan at step 2 ") for m in messages), messages

@@ -281,7 +281,7 @@ def test_cli_help_and_bad_options():
     r = cli("train", "--help")
     assert r.returncode == 0 and "--max-steps" in r.stdout and "peak learning rate" in r.stdout
     r = cli("train", "--preset", "austen-huge")
-    assert r.returncode == 1 and "preset 'austen-huge': unknown" in r.stderr
+    assert r.returncode in (1, 2) and "austen-huge" in r.stderr  # refused, naming it
     r = cli("train", "--max-steps", "many")
     assert r.returncode == 2 and "--max-steps" in r.stderr
     r = cli("frobnicate")
@@ -336,7 +336,7 @@ def test_rng_states_hold_every_gpu_and_old_checkpoints_still_load(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: fake)
-    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: restored.extend(states))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, i: restored.append(state))
     states = _rng_states(gen)
     assert sorted(k for k in states if k.startswith("rng.cuda.")) == ["rng.cuda.0", "rng.cuda.1"]
     _restore_rng_states(gen, states)
@@ -347,3 +347,153 @@ def test_rng_states_hold_every_gpu_and_old_checkpoints_still_load(monkeypatch):
     gen.manual_seed(1)
     _restore_rng_states(gen, old)
     assert restored == [] and torch.equal(gen.get_state(), expected)
+
+
+# ---- settings, run directories, corrupt checkpoints, and what the loop says
+
+
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        (dict(lr="0.001"), "lr='0.001': expected a number"),
+        (dict(max_steps=10.0), "max_steps=10.0: expected an integer"),
+        (dict(max_steps=True), "max_steps=True: expected an integer"),
+        (dict(dtype=16), "dtype=16: expected a string"),
+    ],
+)
+def test_train_config_types_are_checked(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        TrainConfig(**kw)
+
+
+def test_one_validation_for_files_options_and_python(tmp_path):
+    """`train_config` is the one path from settings to a `TrainConfig`: errors name the source and
+    the key in one line, and an lr override without min_lr is accepted the same way everywhere."""
+    from minillm.train import get_preset, train_config, train_run
+
+    base = get_preset("austen-tiny").train
+    with pytest.raises(ValueError, match=r"^run\.json: lr='0\.001': expected a number$"):
+        train_config({"lr": "0.001"}, base, source="run.json")
+    with pytest.raises(ValueError, match=r"^run\.json: unknown setting\(s\) learning_rate"):
+        train_config({"learning_rate": 0.1}, base, source="run.json")
+    c = train_config({"lr": 0.0001}, base)  # a config file's lr, as the --lr option: accepted
+    assert c.lr == 0.0001 and c.min_lr == pytest.approx(1e-5)
+    assert train_config({"lr": 1e-4, "min_lr": 5e-5}, base).min_lr == 5e-5
+    with pytest.raises(ValueError, match="need 0 < min_lr ≤ lr"):
+        train_config({"lr": 1e-4, "min_lr": 1e-3}, base)
+    assert train_config({}, base) == TrainConfig(**base)  # no overrides: the preset, unchanged
+    with pytest.raises(ValueError, match="lr='0.001': expected a number"):
+        train_run("austen-tiny", tmp_path / "run", lr="0.001")
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_corrupt_state_json_names_the_file(tmp_path):
+    from minillm.train import load_run, read_state
+
+    model = tiny_model()
+    ck = tmp_path / "run" / "ckpt"
+    save_checkpoint(ck, model, configure_optimizer(model, cfg()), {"step": 1})
+    (ck / "state.json").write_text('{"step": 1, ')
+    for call in (
+        lambda: load_checkpoint(ck, model),
+        lambda: load_run(tmp_path / "run"),
+        lambda: train(model, TOKENS[:15000], TOKENS[15000:], cfg(), tmp_path / "run"),
+    ):
+        with pytest.raises(ValueError, match=rf"^{ck / 'state.json'}: corrupt checkpoint state"):
+            call()
+    (ck / "state.json").write_text('{"step": 1, "param_groups": []}')
+    with pytest.raises(ValueError, match=r"state\.json: corrupt checkpoint state \(missing sec"):
+        read_state(ck)
+    with pytest.raises(
+        ValueError, match=r"state\.json: corrupt checkpoint state \(missing model_c"
+    ):
+        load_run(tmp_path / "run")
+    with pytest.raises(ValueError, match=r"state\.json: corrupt checkpoint state \(missing sec"):
+        train(model, TOKENS[:15000], TOKENS[15000:], cfg(), tmp_path / "run")
+
+
+def test_resume_says_where_it_starts(tmp_path, capsys):
+    torch.set_num_threads(1)
+    c = cfg(max_steps=4, checkpoint_interval=2, eval_interval=2)
+    train(tiny_model(), TOKENS[:15000], TOKENS[15000:], c, tmp_path, progress=False, stop_at=2)
+    assert "resuming" not in capsys.readouterr().err
+    h = train(tiny_model(), TOKENS[:15000], TOKENS[15000:], c, tmp_path, progress=False)
+    assert "resuming from step 2 of 4" in capsys.readouterr().err
+    assert [r["step"] for r in h] == [2, 4]
+
+
+def test_waiting_for_the_run_lock_says_so(tmp_path, capsys):
+    import fcntl
+    import threading
+    import time
+
+    from minillm.train import _locked
+
+    lock = tmp_path / "run" / ".lock"
+    lock.parent.mkdir()
+    with open(lock, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another training process holds the run
+        done = []
+        t = threading.Thread(target=lambda: done.append(_locked(lock).__enter__()))
+        t.start()
+        time.sleep(0.3)
+        assert not done  # still waiting
+        fcntl.flock(held, fcntl.LOCK_UN)
+        t.join(5)
+    assert done and f"waiting for another process that is training in {lock.parent}" in (
+        capsys.readouterr().err
+    )
+
+
+def test_pretrained_progress_by_default_only_on_a_terminal(tmp_path, monkeypatch, capsys):
+    import minillm.train as T
+
+    calls = []
+    monkeypatch.setattr(T, "run_dir", lambda preset: tmp_path / preset)
+    monkeypatch.setattr(
+        T, "train_run", lambda preset, out, device, progress: calls.append(progress)
+    )
+    monkeypatch.setattr(T, "load_run", lambda out, device: "loaded")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    assert T.pretrained("austen-tiny") == "loaded" and calls == [False]
+    assert capsys.readouterr().err == ""  # a notebook's stored output stays clean
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    T.pretrained("austen-tiny")
+    assert calls == [False, True]
+    assert "pretrained: training austen-tiny once" in capsys.readouterr().err
+    T.pretrained("austen-tiny", progress=False)
+    assert calls == [False, True, False]
+
+
+def test_another_preset_is_refused_before_anything_is_written(tmp_path):
+    """A run of austen-tiny, then `train_run('austen-15m')` into it: refused, naming what differs,
+    and its tokenizer, checkpoint and metrics are untouched."""
+    from minillm.train import check_run, get_preset, train_run
+
+    torch.set_num_threads(1)
+    run = tmp_path / "run"
+    assert check_run(run, "austen-tiny", max_steps=2) is False  # nothing there yet
+    train_run("austen-tiny", run, progress=False, max_steps=2, eval_batches=1)
+    assert check_run(run, "austen-tiny", max_steps=2, eval_batches=1) is True
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    with pytest.raises(ValueError, match="holds a run of preset 'austen-tiny', not 'austen-15m'"):
+        check_run(run, "austen-15m")
+    with pytest.raises(ValueError, match="holds a run of preset 'austen-tiny', not 'austen-15m'"):
+        train_run("austen-15m", run, progress=False, max_steps=2)
+    p = get_preset("austen-tiny")
+    other = type(p)(p.about, p.tokenizer, {**p.model, "n_layer": 2}, p.train)
+    with pytest.raises(ValueError, match=r"another model; n_layer=4 \(the preset has 2\)"):
+        train_run(other, run, progress=False, max_steps=2, eval_batches=1)
+    with pytest.raises(ValueError, match="cannot resume with another training config"):
+        train_run("austen-tiny", run, progress=False, max_steps=3, eval_batches=1)
+    after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert after == before
+
+
+def test_cli_config_value_of_the_wrong_type_is_one_line(tmp_path):
+    bad = tmp_path / "run.json"
+    bad.write_text('{"lr": "0.001"}')
+    r = cli("train", "--config", str(bad), "--out", str(tmp_path / "run"))
+    assert r.returncode == 1 and "lr='0.001': expected a number" in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
