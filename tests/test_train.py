@@ -296,6 +296,19 @@ def test_cli_config_errors_name_the_file(tmp_path):
     bad.write_text('{"max_steps": ')
     r = cli("train", "--config", str(bad))
     assert r.returncode == 1 and f"{bad}: not valid JSON" in r.stderr
+    bad.write_text('{"lr": "0.001"}')
+    r = cli("train", "--config", str(bad), "--out", str(tmp_path / "run"))
+    assert r.returncode == 1 and f"{bad}: lr='0.001'" in r.stderr and not (tmp_path / "run").exists()
+
+
+def test_cli_config_file_and_options_follow_the_same_rules(tmp_path):
+    "A low `lr` in a file is accepted as it is on the command line: min_lr follows it (lr / 10)."
+    good = tmp_path / "run.json"
+    good.write_text('{"lr": 0.0001, "max_steps": 1, "eval_interval": 1}')
+    r = cli("train", "--config", str(good), "--out", str(tmp_path / "a"), "--quiet")
+    assert r.returncode == 0, r.stderr
+    r = cli("train", "--lr", "0.0001", "--max-steps", "1", "--out", str(tmp_path / "b"), "--quiet")
+    assert r.returncode == 0, r.stderr
 
 
 def test_cli_train_resume_and_sample(tmp_path):
