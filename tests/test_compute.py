@@ -7,11 +7,16 @@ import pytest
 import torch
 
 from minillm.compute import (
+    CHINCHILLA_FIT,
     activation_bytes,
+    chinchilla_loss,
     chinchilla_tokens,
+    compute_optimal,
     cost,
+    fit_loss_surface,
     fit_power_law,
     gpu_hours,
+    isoflop_minimum,
     measure_peak_flops,
     mfu,
     training_flops,
@@ -124,3 +129,37 @@ def test_fit_power_law_recovers_exponent():
         fit_power_law([1.0], [1.0])
     with pytest.raises(ValueError):
         fit_power_law(N, 7.0 * N**-0.3, c=10)
+
+
+def test_chinchilla_loss_and_compute_optimal():
+    assert chinchilla_loss(1e60, 1e60) == pytest.approx(1.69, abs=1e-6)  # only E remains
+    assert CHINCHILLA_FIT == dict(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)
+    C = 1e21
+    N, D = compute_optimal(C, **CHINCHILLA_FIT)
+    assert 6 * N * D == pytest.approx(C)
+    for f in (0.9, 1.1):  # the closed form is the minimum along 6ND = C
+        assert chinchilla_loss(N * f, C / (6 * N * f)) > chinchilla_loss(N, D)
+    N10, _ = compute_optimal(10 * C)
+    assert N10 / N == pytest.approx(10 ** (0.28 / 0.62))  # N_opt ∝ C^(β/(α+β))
+    Ne, De = compute_optimal(C, A=1.0, B=1.0, alpha=0.5, beta=0.5)
+    assert Ne == pytest.approx(De)  # equal exponents and constants: N = D
+
+
+def test_isoflop_minimum():
+    N = np.array([1e4, 3e4, 1e5, 3e5, 1e6])
+    assert isoflop_minimum(N, 2 + 0.1 * (np.log(N) - np.log(7e4)) ** 2) == pytest.approx(7e4)
+    with pytest.raises(ValueError, match="curve upwards"):
+        isoflop_minimum(N, -((np.log(N) - 11) ** 2))
+    with pytest.raises(ValueError):
+        isoflop_minimum(N[:2], [1.0, 2.0])
+
+
+def test_fit_loss_surface_fits_its_own_form():
+    N, D = np.meshgrid(np.geomspace(1e4, 1e6, 4), np.geomspace(1e5, 1e8, 4))
+    true = dict(E=1.5, A=30.0, B=60.0, alpha=0.4, beta=0.3)
+    L = chinchilla_loss(N.ravel(), D.ravel(), **true)
+    fit = fit_loss_surface(N.ravel(), D.ravel(), L, steps=300)
+    pred = chinchilla_loss(N.ravel(), D.ravel(), **{k: fit[k] for k in true})
+    assert np.abs(pred / L - 1).max() < 1e-3 and fit["objective"] < 1e-6
+    with pytest.raises(ValueError):
+        fit_loss_surface([1, 2], [1, 2], [1, 2])

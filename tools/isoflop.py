@@ -7,9 +7,10 @@ Character tokens of the Austen corpus, context 64, batch 16, AdamW at one peak l
 warmup of a tenth of the steps and a cosine decay to a tenth of the peak over each run's own length
 (as Chinchilla matched the schedule to each run). Every model starts from the same seed and sees the
 same batches in the same order (a run with fewer steps sees a prefix of a longer one's batches).
-The JSON (written atomically after every run, so a stopped sweep keeps what it finished) holds one
-record per run: budget, layers, width, N (all parameters; the character embedding is tiny), N without the
-embeddings, D, steps, C = 6·N·D, validation loss and seconds. About 10 minutes on one thread.
+The JSON (written atomically after every run; run the command again to resume a stopped sweep:
+it keeps the finished runs made with the same settings) holds one record per run: budget, layers,
+width, N (all parameters; the character embedding is tiny), N without the embeddings, D, steps,
+C = 6·N·D, validation loss and seconds. About ten minutes on one thread of a busy machine.
 """
 
 import argparse
@@ -17,6 +18,7 @@ import json
 import platform
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,14 +28,14 @@ from minillm.model import GPT, GPTConfig, n_params
 from minillm.tokenizer import load_or_train_tokenizer
 from minillm.train import TrainConfig, train
 
-# compute budget (FLOPs, 6·N·D) -> model shapes (layers, width) trained at it; the shapes span
-# about ten times in N around where about 20 tokens per parameter would put the optimum, and every
-# run stays within one pass over the training text
+# compute budget (FLOPs, 6·N·D) -> model shapes (layers, width) trained at it: about ten times in N
+# around the best size; no run reads the training text more than MAX_EPOCHS times
 PLAN = {
-    1e11: [(1, 24), (1, 32), (2, 32), (2, 48), (2, 64)],
-    3e11: [(1, 32), (2, 32), (2, 48), (2, 64), (3, 80)],
-    9e11: [(2, 48), (2, 64), (3, 80), (4, 96)],
+    3e10: [(1, 12), (1, 16), (1, 24), (1, 32), (2, 32)],
+    1e11: [(1, 16), (1, 24), (1, 32), (2, 32), (2, 48)],
+    3e11: [(1, 16), (1, 24), (1, 32), (2, 32), (2, 48)],
 }
+MAX_EPOCHS = 3
 BATCH, CONTEXT, N_HEAD = 16, 64, 4
 
 
@@ -48,8 +50,10 @@ def run_one(n_layer, n_embd, budget, train_tok, val_tok, vocab_size, lr, seed, e
     N = n_params(cfg)
     steps = max(1, round(budget / (6 * N * BATCH * CONTEXT)))
     D = steps * BATCH * CONTEXT
-    if D > len(train_tok):
-        raise ValueError(f"{n_layer}x{n_embd} at C={budget:.0e}: {D:,} tokens > one epoch")
+    if D > MAX_EPOCHS * len(train_tok):
+        raise ValueError(
+            f"{n_layer}x{n_embd} at C={budget:.0e}: {D:,} tokens > {MAX_EPOCHS} epochs"
+        )
     torch.manual_seed(seed)
     model = GPT(cfg)
     tc = TrainConfig(
@@ -83,7 +87,7 @@ def run_one(n_layer, n_embd, budget, train_tok, val_tok, vocab_size, lr, seed, e
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", help="the JSON file to write, e.g. nbs/results/isoflop.json")
-    ap.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
+    ap.add_argument("--lr", type=float, default=1e-2, help="peak learning rate (default 1e-2)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-batches", type=int, default=50, help="validation batches of 16 × 64")
     ap.add_argument(
@@ -115,8 +119,20 @@ def main(argv=None):
         machine=platform.machine(),
         runs=[],
     )
+    settings = {k: v for k, v in out.items() if k not in ("command", "torch", "machine", "runs")}
+    done = {}
+    if Path(
+        args.out
+    ).exists():  # resume: keep the runs a stopped sweep finished with these settings
+        old = json.loads(Path(args.out).read_text())
+        if all(old.get(k) == v for k, v in settings.items()):
+            done = {(r["budget"], r["n_layer"], r["n_embd"]): r for r in old["runs"]}
     for budget in budgets:
         for n_layer, n_embd in PLAN[budget]:
+            if (budget, n_layer, n_embd) in done:
+                out["runs"].append(done[budget, n_layer, n_embd])
+                atomic_write_text(args.out, json.dumps(out, indent=1) + "\n")
+                continue
             r = run_one(
                 n_layer,
                 n_embd,
