@@ -13,6 +13,7 @@ book as it was. The browser checks of the HTML book are tools/check_book.py (`ma
 import base64
 import html
 import importlib.util
+import json
 import re
 import shutil
 import struct
@@ -583,7 +584,8 @@ def test_module_docstring_is_a_note(built):
     root, r = built
     one = (root / "book" / "01_one.html").read_text()
     note = one.split('class="callout callout-note module-doc"')[1].split("</div>\n</div>")[0]
-    assert "The module <code>testlib.one</code>" in note and "The module docstring of one." in note
+    assert "The module <code class=\"nowrap\">testlib.one</code>" in note
+    assert "The module docstring of one." in note
     assert '#callout("note", [The module `testlib.one`])[' in r.typst_source
 
 
@@ -716,3 +718,97 @@ def test_references_chapter_where_the_book_puts_it(project):
         'id="ref-knuth1984literate"'
     )
     assert r.chapters == 4 and r.typst_source.count("#bibentry[") == 2
+
+
+# --- what a reader saw wrong in the rendered book
+# ------------------------------------------------
+
+
+def test_text_in_maths_is_not_followed_by_a_space():
+    r"""`\text{pass@}k` is "pass@k": pandoc writes `upright("pass@") k`, and Typst would set the
+    space. Inline code and code blocks are left as they are."""
+    typ = rb.pandoc(
+        "$\\text{pass@}k = 1$, $\\text{if } x$, `upright(\"a\") b` and\n\n"
+        "$$\\text{pass@}k = \\mathbb{E}[1]$$\n\n```\n$upright(\"c\") d$\n```\n",
+        "markdown",
+        "typst",
+        "test",
+    )
+    out = rb.typst_symbols(typ)
+    assert '$upright("pass@")k = 1$' in out and '$upright("if ")x$' in out
+    assert 'upright("pass@")k = bb(E)' in out
+    assert '`upright("a") b`' in out and '$upright("c") d$' in out
+
+
+def table_ast(markdown):
+    doc = json.loads(rb.pandoc(markdown, "markdown", "json", "test"))
+    return doc, next(rb.walk_nodes(doc["blocks"], "Table"))
+
+
+def test_tables_left_aligned_and_as_wide_as_their_content():
+    "Prose tables: left-aligned, not centred as their figure is; printed ones: natural widths."
+    long_row = "| a long name of a row that does not fit | " + "x " * 30 + "|"
+    doc, prose = table_ast(f"| name | text |\n|---|---|\n{long_row}\n")
+    rb.left_aligned(prose)
+    assert [spec[0]["t"] for spec in prose["c"][2]] == ["AlignLeft", "AlignLeft"]
+    doc["blocks"] = [prose]
+    typ = rb.pandoc(json.dumps(doc), "json", "typst", "test")
+    assert "align: (left,left,)" in typ
+    _, printed = table_ast("| name | n |\n|---|---:|\n| " + "a long name " * 8 + "| 12 |\n")
+    assert printed["c"][2][0][1]["t"] == "ColWidth"  # pandoc: relative widths from the dashes
+    rb.tidy_table(printed)
+    assert [spec[1]["t"] for spec in printed["c"][2]] == ["ColWidthDefault"] * 2
+
+
+def test_characters_no_font_has(monkeypatch, capsys):
+    "A font package is fetched for CJK; a character still without a font shows its code point."
+    fetched = []
+    monkeypatch.setattr(rb, "font_paths", lambda: [])  # no font at all: everything is missing
+    ch = rb.Chapter("nbs/02_two.ipynb", Path("nbs/02_two.ipynb"))
+    out = rb.with_fonts(
+        ["plain ascii", "é 語 \U0010fffd é"], [ch, ch], fetch=lambda p: fetched.append(p)
+    )
+    assert fetched == ["fonts-wqy-microhei"]
+    assert out == ["plain ascii", "[U+00E9] [U+8A9E] [U+10FFFD] [U+00E9]"]
+    err = capsys.readouterr().err
+    assert "nbs/02_two.ipynb: no font of the PDF has é (U+00E9), 語 (U+8A9E)" in err
+    assert "apt-get install fonts-wqy-microhei" in err
+
+
+def test_the_book_fonts_cover_its_characters():
+    "DejaVu (matplotlib's) has the chapters' symbols, Greek and emoji; Last Resort is no font."
+    pytest.importorskip("matplotlib")
+    cover = rb.font_coverage(tuple(rb.font_paths()))
+    assert rb.missing_glyphs("aé—−≈→␣αθ😀\u00a0\U0010fffd", cover) == ["\U0010fffd"]
+    typ = (ROOT / "tools" / "book" / "book.typ").read_text()
+    assert "show figure.caption: it => box(align(left, it))" in typ  # long captions not centred
+
+
+def test_short_inline_code_is_not_broken():
+    "On a narrow screen `austen-tiny` is not split at its hyphen; long code still wraps."
+    body = "<p>the <code>austen-tiny</code> model, <code>a b</code>, <code>" + "x" * 30 + "</code>"
+    out = rb.SHORT_CODE.sub(r'<code class="nowrap">\1</code>', body)
+    assert '<code class="nowrap">austen-tiny</code>' in out
+    assert "<code>a b</code>" in out and "<code>" + "x" * 30 in out
+    css = (ROOT / "tools" / "book" / "style.css").read_text()
+    assert "code.nowrap { white-space: nowrap; }" in css
+
+
+def test_control_character_in_a_formula_is_reported(project, capsys):
+    r"A tab in `$\text{hs}$` is a Python escape that ate the backslash: the build warns, naming it."
+    nb = nbformat.read(project / "nbs" / "02_two.ipynb", as_version=4)
+    nb.cells[1].source += " The pair $(i, i + \text{hs}/2)$."
+    nbformat.write(nb, project / "nbs" / "02_two.ipynb")
+    rb.render(project)
+    err = capsys.readouterr().err
+    assert "nbs/02_two.ipynb (cell 1): a control character in the formula" in err
+    assert "␉ext{hs}" in err
+
+
+def test_a_paragraph_ending_with_a_colon_sticks_to_what_follows():
+    doc = json.loads(rb.pandoc("We print it:\n\nThe end.\n\n- a list:\n", "markdown", "json", "t"))
+    blocks = rb.sticky_intros(doc["blocks"])
+    assert [b["t"] for b in blocks] == ["RawBlock", "Para", "RawBlock", "Para", "BulletList"]
+    doc["blocks"] = blocks
+    typ = rb.pandoc(json.dumps(doc), "json", "typst", "t")
+    assert "#block(sticky: true)[\nWe print it:\n\n]\nThe end." in typ

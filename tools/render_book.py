@@ -30,15 +30,19 @@ How it works, in the order it runs:
    from markdown images, e.g. `![Caption.](figures/x.svg){#fig-x}`) get their numbers, every
    #sec-/#fig- label is recorded. Numbers are computed here, once, for both formats: the PDF shows
    exactly the numbers the HTML shows. The prose is checked (`prose_problems`, and `html_problems`
-   on the pages): markup leaked into the text, TeX outside maths, a prime for an apostrophe.
+   on the pages): markup leaked into the text, TeX outside maths, a prime for an apostrophe; a
+   control character in a formula (a Python "\\text" that became a tab) is a warning.
 5. With every label known, `@sec-x`, `@fig-x` and links to other chapters' notebooks become links,
    once per output format (`resolve`). An unresolved one is an error: the book never ships a "??".
 6. HTML: pandoc writes each chapter's body (maths as MathML); tools/book/page.html wraps it with
    the sidebar, the in-page contents and prev/next links; style.css, book.js (drawer, copy buttons,
    search box) and favicon.svg are copied beside it; Pagefind indexes the pages into pagefind/.
    PDF: pandoc writes each chapter as Typst; one document imports tools/book/book.typ (title page,
-   contents, running headers, part pages, callouts, code and output styling) and `typst.compile`
-   makes the PDF.
+   contents, running headers, part pages, callouts, code and output styling, image figures that
+   float to the top or bottom of a page) and `typst.compile` makes the PDF. Its fonts are Typst's
+   own and matplotlib's, the same on every machine; for a character none of them has (語) a Debian
+   font package is added (`with_fonts`: installed, or fetched with `apt-get download` into
+   ~/.cache/minillm/fonts), and what still has no font is printed as [U+8A9E], with a warning.
 7. All of it is written to a temporary directory next to the output (.book-tmp-<pid>-*), which
    replaces the old book only when everything succeeded: a failed build leaves the previous book as
    it was. Directories left by a killed build are removed by the next one.
@@ -461,6 +465,9 @@ def notebook_markdown(ch, media: Path, lib=""):
                 continue
             if kind == "markdown":
                 md = attachments(cell, "\n".join(lines).strip("\n"), media, i)
+                for tex in MATH_SPAN.findall(md):  # before pandoc, which turns tabs into spaces
+                    if CONTROL.search(tex):
+                        warn(f"{ch.src} (cell {cell_label(nb['cells'], i)}): {math_control(tex)}")
                 if opts.get("export") and md.strip():  # nbdev's module docstring
                     md = module_note(md, module, lib)
             else:
@@ -807,7 +814,7 @@ def parse_chapter(ch, tmp: Path, lib=""):
         if node["t"] == "Div" and "cell-output-display" in node["c"][0][1]:
             return walk(node, lambda n: tidy_table(n) if n["t"] == "Table" else None)
 
-    ch.blocks = walk(doc["blocks"], fill)
+    ch.blocks = walk(walk(doc["blocks"], fill), left_aligned)
 
     missing, cell = [], [None]
 
@@ -836,10 +843,19 @@ MISSING = {"", "nan", "NaN", "None", "<NA>", "NaT", "null", "—"}
 NUMBER = re.compile(r"^[-+−]?(\d{1,3}(,\d{3})+|\d*)(\.\d+)?([eE][-+]?\d+)?\s?%?$|^[-+−]?inf$")
 
 
+def left_aligned(node):
+    """A table column that does not say how to align is left-aligned, as in the HTML (pandoc's
+    Typst centres the table, and a column that does not say would inherit that)."""
+    if node["t"] == "Table":
+        for spec in node["c"][2]:
+            if spec[0]["t"] == "AlignDefault":
+                spec[0] = {"t": "AlignLeft"}
+
+
 def tidy_table(node):
     """A table a cell printed (a DataFrame, a Markdown pipe table): missing values shown as "—";
     columns whose values are all numbers right-aligned, the others left-aligned (where the table
-    does not say)."""
+    does not say); every column as wide as its content needs."""
     _, _, colspecs, head, bodies, foot = node["c"]
 
     def rows(part_rows):
@@ -856,6 +872,9 @@ def tidy_table(node):
         numeric = bool(values) and all(NUMBER.match(v) and re.search(r"\d|inf", v) for v in values)
         if spec[0]["t"] == "AlignDefault":
             spec[0] = {"t": "AlignRight" if numeric else "AlignLeft"}
+        # A Markdown table built in code has equal dashes in its |---| line, which pandoc reads as
+        # equal column widths where a row is long: names wrap beside half-empty number columns.
+        spec[1] = {"t": "ColWidthDefault"}
     for cells in body_rows + rows(head[1]) + rows(foot[1]):
         for cell in cells:
             cell[1] = {"t": "AlignDefault"}  # the column's alignment
@@ -1121,6 +1140,22 @@ def text_problems(where, text):
             snippet = text[max(0, m.start() - 12) : m.end() + 8].replace("\n", " ").strip()
             out.append(f"{where}: {message.format(snippet)}")
     return out
+
+
+# A tab, backspace... in a formula: a Python string ate a backslash ("\text" became tab + "ext").
+CONTROL = re.compile(r"[\x00-\x09\x0b\x0c\x0e-\x1f]")
+MATH_SPAN = re.compile(r"(?<![\\$])\$\$?(.+?)\$", re.S)  # near enough to find one
+
+
+def math_control(tex):
+    "The warning for a formula with a control character in it (shown as its symbol: \\t as ␉)."
+    c = CONTROL.search(tex)
+    snippet = CONTROL.sub(lambda m: chr(0x2400 + ord(m.group(0))), tex[max(0, c.start() - 12) :])
+    return (
+        f"a control character in the formula ...{snippet[:30]}... ({c.group(0)!r} shown as "
+        f"{chr(0x2400 + ord(c.group(0)))}): a Python escape (\\t in \\text, \\b in \\beta, "
+        "\\f in \\frac, \\r in \\right) where a backslash was meant"
+    )
 
 
 def prose_problems(ch):
@@ -1398,8 +1433,13 @@ def typst_str(s):
 # Step 5: HTML pages and the PDF
 
 
+# Inline code without a space, short enough for a phone's line: never broken (`austen-` | `tiny`).
+SHORT_CODE = re.compile(r"<code>([^<\s]{1,24})</code>")
+
+
 def html_page(ch, body, book: Book, template: string.Template):
     e = html.escape
+    body = SHORT_CODE.sub(r'<code class="nowrap">\1</code>', body)
     items, part = [], None
     for c in book.chapters:
         if c.part != part and c.part is not None:
@@ -1479,15 +1519,44 @@ RAW_BLOCK = re.compile(r"^(`{3,}).*?^\1", re.MULTILINE | re.DOTALL)
 OLD_SYMBOL = re.compile(r"\b((?:dot|plus|minus|times|div|ast|slash|eq|backslash)\.)circle\b")
 
 
+# Inline code (left alone) or a formula; in one, `upright("pass@") k` (pandoc's \text{pass@}k).
+MATH_OR_CODE = re.compile(r"(`+).*?\1|(?<!\\)\$(?:[^$\\]|\\.)*\$", re.DOTALL)
+TEXT_SPACE = re.compile(r'(upright\("(?:[^"\\]|\\.)*"\)) (?=\S)')
+
+
+def typst_math(text: str) -> str:
+    """pandoc writes TeX's `\\text{pass@}k` as `upright("pass@") k`, and in Typst maths a space
+    next to text is a space ("pass@ k"); in TeX maths spaces are never typeset: remove it."""
+
+    def fix(m):
+        return m.group(0) if m.group(1) else TEXT_SPACE.sub(r"\1", m.group(0))
+
+    return MATH_OR_CODE.sub(fix, text)
+
+
 def typst_symbols(text: str) -> str:
     """pandoc 3.9 writes math symbols with Typst's old `.circle` modifier (`\\odot` ->
-    `dot.circle`), which Typst
-    0.14+ renamed `.o`; rename them outside raw (code) blocks."""
+    `dot.circle`), which Typst 0.14+ renamed `.o`; rename them outside raw (code) blocks, and
+    remove the space after text in formulas (`typst_math`)."""
     parts, last = [], 0
     for m in RAW_BLOCK.finditer(text):
-        parts += [OLD_SYMBOL.sub(r"\1o", text[last : m.start()]), m.group(0)]
+        parts += [typst_math(OLD_SYMBOL.sub(r"\1o", text[last : m.start()])), m.group(0)]
         last = m.end()
-    return "".join(parts + [OLD_SYMBOL.sub(r"\1o", text[last:])])
+    return "".join(parts + [typst_math(OLD_SYMBOL.sub(r"\1o", text[last:]))])
+
+
+def sticky_intros(blocks):
+    """In the PDF, a paragraph of the text that ends with a colon ("... the pieces are visible:")
+    stays on the page of what it introduces (a Typst sticky block), never alone at the foot of the
+    page before it."""
+    out = []
+    for node in blocks:
+        last = node["c"][-1] if node["t"] == "Para" and node["c"] else {}
+        if last.get("t") == "Str" and last["c"].endswith(":"):
+            out += [raw("typst", "#block(sticky: true)["), node, raw("typst", "]")]
+        else:
+            out.append(node)
+    return out
 
 
 def typst_document(book: Book, bodies: list, chapters=None) -> str:
@@ -1514,17 +1583,159 @@ def typst_document(book: Book, bodies: list, chapters=None) -> str:
     return "\n".join(out)
 
 
+# Fonts. Typst has its own (Libertinus Serif, New Computer Modern, DejaVu Sans Mono) and gets
+# matplotlib's (DejaVu Sans, which the SVG figures name); system fonts are ignored, so the PDF is
+# the same on every machine. A character none of them has (Chinese, Japanese, Korean) would be drawn
+# as an empty box: for those the renderer adds a small Debian font package, installed
+# (`apt-get install fonts-wqy-microhei`) or fetched without root into the cache (`apt-get download`,
+# as the corpus is); what is still missing is shown as "[U+8A9E]", with a warning.
+FONT_PACKAGES = {  # package: (its fonts' directory when installed, the code points it is for)
+    "fonts-wqy-microhei": (
+        "/usr/share/fonts/truetype/wqy",
+        ((0x2E80, 0x9FFF), (0xAC00, 0xD7AF), (0xF900, 0xFAFF), (0xFE30, 0xFE4F), (0xFF00, 0xFFEF)),
+    ),
+}
+FONT_SUFFIXES = (".ttf", ".ttc", ".otf", ".otc")
+
+
+def font_cache() -> Path:
+    "Where fetched font packages are unpacked: `$MINILLM_CACHE/fonts`, as minillm caches data."
+    base = os.environ.get("MINILLM_CACHE")
+    if not base:
+        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        base = Path(base) / "minillm"
+    return Path(base) / "fonts"
+
+
 def font_paths():
     """Fonts besides Typst's own (Libertinus Serif, New Computer Modern, DejaVu Sans Mono): DejaVu
     Sans, which the SVG figures name, from matplotlib (in the venv), so the PDF does not depend on
-    the fonts installed on the machine."""
+    the fonts installed on the machine; and the packages of FONT_PACKAGES, installed or fetched."""
+    paths = []
     try:
         import matplotlib
 
         ttf = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
+        if (ttf / "DejaVuSans.ttf").is_file():
+            paths.append(str(ttf))
     except ImportError:
-        return []
-    return [str(ttf)] if (ttf / "DejaVuSans.ttf").is_file() else []
+        pass
+    for package, (system, _) in FONT_PACKAGES.items():
+        for d in (font_cache() / package, Path(system)):
+            if d.is_dir():
+                paths.append(str(d))
+                break
+    return paths
+
+
+@functools.lru_cache(maxsize=8)
+def font_coverage(paths: tuple) -> frozenset:
+    """The code points the fonts in `paths` have. Last Resort (matplotlib ships it) is left out: it
+    "has" every code point, as a box with the name of its block."""
+    typst = need("typst", "typst")
+    from fontTools.ttLib import TTFont
+
+    cover, seen = set(), set()
+    fonts = typst.Fonts(include_system_fonts=False, include_embedded_fonts=False, font_paths=paths)
+    for f in fonts.fonts():
+        if (f.path, f.index) in seen or "last resort" in f.family.lower():
+            continue
+        seen.add((f.path, f.index))
+        try:
+            cover.update(TTFont(f.path, fontNumber=f.index, lazy=True).getBestCmap() or ())
+        except Exception:  # a font fontTools cannot read does not count
+            continue
+    return frozenset(cover)
+
+
+def fetch_font_package(package) -> bool:
+    """`apt-get download` the Debian font package and unpack its fonts into font_cache()/package
+    (no root needed). False where that is not possible (no apt-get, no network, unknown package)."""
+    dst = font_cache() / package
+    if dst.is_dir():
+        return True
+    if not (shutil.which("apt-get") and shutil.which("dpkg-deb")):
+        return False
+    with tempfile.TemporaryDirectory() as d:
+        try:
+            r = subprocess.run(
+                ["apt-get", "download", package], cwd=d, capture_output=True, timeout=120
+            )
+            debs = list(Path(d).glob("*.deb"))
+            if r.returncode or not debs:
+                return False
+            subprocess.run(["dpkg-deb", "-x", str(debs[0]), f"{d}/x"], check=True, timeout=300)
+        except (OSError, subprocess.SubprocessError):
+            return False
+        files = [
+            f for f in Path(d, "x").rglob("*") if f.is_file() and f.suffix.lower() in FONT_SUFFIXES
+        ]
+        if not files:
+            return False
+        part = dst.with_name(f".{package}-{os.getpid()}")
+        shutil.rmtree(part, ignore_errors=True)
+        part.mkdir(parents=True)
+        for f in files + list(Path(d, "x").glob(f"usr/share/doc/{package}/copyright")):
+            shutil.copyfile(f, part / f.name)
+        try:
+            part.rename(dst)  # whole or not at all; another build may have won the race
+        except OSError:
+            shutil.rmtree(part, ignore_errors=True)
+    return dst.is_dir()
+
+
+# Code points that need no glyph: controls, spaces, joiners, variation selectors.
+NO_GLYPH = re.compile(
+    r"[\x00-\x20\x7f-\xa0\u00ad\u200b-\u200f\u2028-\u202f\u2060-\u206f\ufe00-\ufe0f]"
+)
+
+
+def missing_glyphs(text: str, cover) -> list:
+    "The characters of `text` (in order of first use) that no font covers."
+    chars = dict.fromkeys(c for c in text if ord(c) > 0x7E and not NO_GLYPH.match(c))
+    return [c for c in chars if ord(c) not in cover]
+
+
+def glyph_fallback(c: str) -> str:
+    "What the PDF shows for a character no font has: its code point, e.g. [U+8A9E]."
+    return f"[U+{ord(c):04X}]"
+
+
+def with_fonts(bodies: list, chapters: list, fetch=fetch_font_package):
+    """The Typst bodies of `chapters` with every character that no font has replaced by its code
+    point (a warning names it and its chapter). First, where a package of FONT_PACKAGES has such
+    characters, it is fetched (`fetch`)."""
+    cover = font_coverage(tuple(font_paths()))
+    missing = {ch.src: missing_glyphs(body, cover) for ch, body in zip(chapters, bodies)}
+    wanted = {c for cs in missing.values() for c in cs}
+    fetched = False
+    for package, (_, ranges) in FONT_PACKAGES.items():
+        if any(lo <= ord(c) <= hi for c in wanted for lo, hi in ranges):
+            fetched |= bool(fetch(package))
+    if fetched:
+        cover = font_coverage(tuple(font_paths()))
+    out = []
+    for ch, body in zip(chapters, bodies):
+        gone = [c for c in missing[ch.src] if ord(c) not in cover]
+        if gone:
+            packages = [
+                p
+                for p, (_, ranges) in FONT_PACKAGES.items()
+                if any(lo <= ord(c) <= hi for c in gone for lo, hi in ranges)
+            ]
+            hint = (
+                f"; `apt-get install {' '.join(packages)}` gives the PDF a font with them"
+                if packages
+                else ""
+            )
+            warn(
+                f"{ch.src}: no font of the PDF has "
+                + ", ".join(f"{c} (U+{ord(c):04X})" for c in gone)
+                + f"; the PDF shows {glyph_fallback(gone[0])} instead{hint}"
+            )
+            body = "".join(glyph_fallback(c) if c in gone else c for c in body)
+        out.append(body)
+    return out
 
 
 def compile_pdf(tmp: Path, typ_name: str, pdf: Path, source: str):
@@ -1641,6 +1852,8 @@ def render(project=".", out=None, chapter=None) -> Result:
                 raise BookError("\n".join(dict.fromkeys(problems)))
 
             def write(ch, blocks, fmt):
+                if fmt == "typst":
+                    blocks = sticky_intros(blocks)
                 doc = json.dumps({"pandoc-api-version": api_version, "meta": {}, "blocks": blocks})
                 args = ["--mathml", "--wrap=none"] if fmt == "html" else ["--wrap=preserve"]
                 out = pandoc(doc, "json", fmt, ch.src, *args)
@@ -1654,7 +1867,8 @@ def render(project=".", out=None, chapter=None) -> Result:
                 pool.submit(write, ch, b, "html") for ch, b in zip(chapters, asts["html"])
             ]
 
-            source = typst_document(book, [f.result() for f in typst_bodies], chapters)
+            bodies = with_fonts([f.result() for f in typst_bodies], chapters)
+            source = typst_document(book, bodies, chapters)
             name = only.stem if only else book.output_file
             typ_name = f"{name}.typ"
             shutil.copyfile(TEMPLATES / "book.typ", tmp / TYPST_TEMPLATE)
