@@ -89,9 +89,8 @@ def test_dpo_loss_is_ln2_at_the_reference_and_training_raises_the_margin(model, 
 def test_ppo_runs_and_moves_toward_the_reward(model, tok):
     ref = copy.deepcopy(model).eval()
 
-    def reward_fn(
-        seqs, starts
-    ):  # the share of answer tokens with an id below 150: about half, at random
+    # the share of answer tokens with an id below 150: about half, at random
+    def reward_fn(seqs, starts):
         return torch.tensor(
             [sum(t < 150 for t in s[st:]) / max(1, len(s) - st) for s, st in zip(seqs, starts)]
         )

@@ -318,9 +318,8 @@ def test_html_numbers_and_cross_references(built):
     hi = index.read_text()
     assert "Read Section 1.2 first" in text_of(index) and 'href="01_one.html#sec-one-second"' in hi
     assert 'href="02_two.html">the second chapter' in hi and 'href="02_two.html#sec-two-a"' in hi
-    assert "Preface" in text_of(index) and "1 Preface" not in text_of(
-        index
-    )  # the preface is unnumbered
+    # the preface is unnumbered
+    assert "Preface" in text_of(index) and "1 Preface" not in text_of(index)
 
 
 def test_html_cells(built):

@@ -19,9 +19,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def model_tok():
-    return pretrained(
-        "austen-tiny"
-    )  # same tokenizer and context (128) as the instruction-tuned model
+    # same tokenizer and context (128) as the instruction-tuned model
+    return pretrained("austen-tiny")
 
 
 def U(s):
@@ -65,9 +64,8 @@ def test_fit_history_keeps_the_latest_whole_turns(model_tok, max_new, with_syste
     system, turns = split_turns(convo)
     kept = fit_history(tok, convo, 128, max_new)
     k = len(split_turns(kept)[1])
-    assert kept == system + [
-        m for t in turns[len(turns) - k :] for m in t
-    ]  # the system message, then whole turns
+    # the system message, then whole turns
+    assert kept == system + [m for t in turns[len(turns) - k :] for m in t]
     used = n_tokens(tok, system) + sum(n_tokens(tok, t) for t in turns[len(turns) - k :]) + 1
     assert used + max_new <= 128
     if k < len(turns):
@@ -138,13 +136,11 @@ def test_reply_streams_and_stops_at_end(model_tok):
     first5 = "".join(reply(model, tok, msgs, max_new_tokens=5))
     m = Scripted(model, 6, tok.special_tokens["<|end|>"])
     pieces = list(reply(m, tok, msgs, max_new_tokens=20))
-    assert (
-        m.calls == 6 and "".join(pieces) == first5 and free.startswith(first5)
-    )  # 5 tokens, then <|end|>, then no more
+    # 5 tokens, then <|end|>, then no more
+    assert m.calls == 6 and "".join(pieces) == first5 and free.startswith(first5)
     assert len(pieces) > 1 and "<|end|>" not in first5  # streamed in pieces
-    m = Scripted(
-        model, 3, tok.special_tokens["<|user|>"]
-    )  # the model starting the user's turn also ends the reply
+    # the model starting the user's turn also ends the reply
+    m = Scripted(model, 3, tok.special_tokens["<|user|>"])
     assert free.startswith("".join(reply(m, tok, msgs, max_new_tokens=20))) and m.calls == 3
     with pytest.raises(ValueError, match="message too long"):
         reply(model, tok, [U("word " * 200)])  # at once
@@ -207,18 +203,16 @@ def test_chat_loop_scripted_session(model_tok):
     assert [m["role"] for m in h] == ["user", "assistant"] and h[0][
         "content"
     ] == "Where do the Bennets live?"
-    assert h[1]["content"] == "".join(
-        reply(model, tok, [h[0]], 12)
-    )  # greedy: what was printed is what is kept
+    # greedy: what was printed is what is kept
+    assert h[1]["content"] == "".join(reply(model, tok, [h[0]], 12))
 
 
 def test_chat_loop_eof_ctrl_c_and_history(model_tok):
     model, tok = model_tok
     out, h = session(model, tok, ["Who is Emma?", "And Harriet?"])  # then EOF
     assert [m["role"] for m in h] == ["user", "assistant"] * 2 and out.count("bot> ") == 2
-    out, h = session(
-        model, tok, ["Who is Emma?", KeyboardInterrupt(), "never read"]
-    )  # Ctrl-C at the prompt exits
+    # Ctrl-C at the prompt exits
+    out, h = session(model, tok, ["Who is Emma?", KeyboardInterrupt(), "never read"])
     assert len(h) == 2 and "never read" not in out
     out, h = session(model, tok, ["Hi", "Whom does Emma Woodhouse marry?"], system="Be brief.")
     assert h[0] == dict(role="system", content="Be brief.") and len(h) == 5
@@ -232,9 +226,8 @@ def test_chat_loop_ctrl_c_during_a_reply_keeps_the_session(model_tok):
     model, tok = model_tok
     m = Scripted(model, 3, exc=KeyboardInterrupt())
     out, h = session(m, tok, ["First question?", "Second question?"])
-    assert (
-        out.count(" [stopped]") == 2 and h == []
-    )  # an unfinished turn is not kept; the loop went on to the next line
+    # an unfinished turn is not kept; the loop went on to the next line
+    assert out.count(" [stopped]") == 2 and h == []
     m = Scripted(model, 3, exc=KeyboardInterrupt(), once=True)  # Ctrl-C during the first reply only
     out, h = session(m, tok, ["First question?", "Second question?"])
     assert (
@@ -288,9 +281,8 @@ def test_cli_help_lists_chat_and_eval(capsys, monkeypatch):
     assert main(["chat", "--run", "/nonexistent/run"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("minillm chat: /nonexistent/run: no checkpoint") and err.count("\n") == 1
-    r = minillm(
-        "eval", "--help"
-    )  # the installed command; minillm.evaluate is imported only when eval runs
+    # the installed command; minillm.evaluate is imported only when eval runs
+    r = minillm("eval", "--help")
     assert r.returncode == 0 and "--quick" in r.stdout and "--run" in r.stdout
 
 

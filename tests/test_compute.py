@@ -42,9 +42,8 @@ def test_six_n_matches_the_count_for_a_wide_model():
     r = flops_per_token(gpt3, 2048, training=True) / training_flops(n_params(gpt3), 1)
     assert 1.0 < r < 1.04
     narrow = GPTConfig(vocab_size=1024, context_length=1024, n_layer=4, n_head=4, n_embd=64)
-    assert (
-        flops_per_token(narrow, 1024, training=True) / training_flops(n_params(narrow), 1) > 2
-    )  # attention dominates
+    # attention dominates
+    assert flops_per_token(narrow, 1024, training=True) / training_flops(n_params(narrow), 1) > 2
 
 
 def test_training_memory_breakdown():
@@ -96,9 +95,8 @@ def test_activation_bytes_measured():
     x = torch.randint(0, SMALL.vocab_size, (8, SMALL.context_length))
     a4, a8 = activation_bytes(model, x[:4], x[:4]), activation_bytes(model, x, x)
     assert a4 > 0 and a8 / a4 == pytest.approx(2, rel=0.02)
-    assert (
-        a4 > 4 * 4 * SMALL.context_length * SMALL.n_embd * SMALL.n_layer
-    )  # at least one C-vector per token per layer
+    # at least one C-vector per token per layer
+    assert a4 > 4 * 4 * SMALL.context_length * SMALL.n_embd * SMALL.n_layer
     with torch.no_grad():
         assert activation_bytes(model, x, x) == 0  # nothing saved without autograd
 

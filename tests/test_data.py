@@ -203,9 +203,8 @@ def test_debian_source_without_rdata_names_the_extra(cache, monkeypatch, tmp_pat
     )
     with pytest.raises(CorpusUnavailable, match=r"pip install 'minillm\[debian\]'"):
         data.novels_from_debian(tmp_path)
-    monkeypatch.setenv(
-        "MINILLM_GUTENBERG_URL", "http://127.0.0.1:9"
-    )  # refused: no Gutenberg either
+    # refused: no Gutenberg either
+    monkeypatch.setenv("MINILLM_GUTENBERG_URL", "http://127.0.0.1:9")
     with pytest.raises(CorpusUnavailable, match=r"- debian: .*pip install 'minillm\[debian\]'"):
         load_novels()
     with pytest.raises(CorpusUnavailable, match=r"minillm\[debian\]"):

@@ -149,9 +149,8 @@ def test_rank_generator_differs_by_rank_and_is_reproducible():
     a = [random_batch(TOKENS, 4, 16, rank_generator(7, r))[0] for r in range(4)]
     assert all(not torch.equal(a[i], a[j]) for i in range(4) for j in range(i + 1, 4))
     assert torch.equal(a[2], random_batch(TOKENS, 4, 16, rank_generator(7, 2))[0])
-    assert not torch.equal(
-        a[0], random_batch(TOKENS, 4, 16, rank_generator(8, 0))[0]
-    )  # the base seed matters
+    # the base seed matters
+    assert not torch.equal(a[0], random_batch(TOKENS, 4, 16, rank_generator(8, 0))[0])
     with pytest.raises(ValueError, match="rank"):
         rank_generator(0, -1)
 
@@ -216,9 +215,8 @@ def test_train_in_a_process_group_resumes_bit_identical(ranks):
     assert [r["step"] for r in resumed[0]["history"]] == [2, 4, 6]
     assert resumed[0]["log"] == "resuming from step 3 of 6\n" and resumed[1]["log"] == ""
     assert json.loads((resume_dir / "ckpt" / "state.json").read_text())["step"] == 6
-    with pytest.raises(
-        ValueError, match="written by 2 rank"
-    ):  # one process cannot take over two ranks' samplers
+    # one process cannot take over two ranks' samplers
+    with pytest.raises(ValueError, match="written by 2 rank"):
         train(
             GPT(GPTConfig(**RESUME_MODEL)),
             TOKENS[:4000],

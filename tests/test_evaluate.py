@@ -203,9 +203,8 @@ def test_answer_stops_at_end_and_is_greedy(model, tok):
     assert answer(model, tok, "Whom does Emma marry?") == answer(
         model, tok, "Whom does Emma marry?"
     )  # greedy
-    assert isinstance(
-        answer(model, tok, TEXT * 5, max_new_tokens=8), str
-    )  # a prompt longer than the context
+    # a prompt longer than the context
+    assert isinstance(answer(model, tok, TEXT * 5, max_new_tokens=8), str)
     r = task_accuracy(
         _always(model, tok, end),
         tok,

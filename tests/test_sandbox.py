@@ -33,9 +33,8 @@ from minillm.sandbox import (
 )
 
 INFO = sandbox_info()
-OTHER_USER = (
-    INFO["user"] != pwd.getpwuid(os.getuid()).pw_name
-)  # the child cannot touch our files or processes
+# the child cannot touch our files or processes
+OTHER_USER = INFO["user"] != pwd.getpwuid(os.getuid()).pw_name
 NAMESPACES = bool(INFO["namespaces"])  # no network; own PID space; its descendants die with it
 GUARD = [pytest.param(True, id="guard"), pytest.param(False, id="no-guard")]
 
@@ -144,26 +143,23 @@ def test_plausible_wrong_solutions_fail(task, completion):
 
 
 def test_the_score_needs_the_tests_to_finish():
-    assert (
-        run_code("import sys; sys.exit(0)").status == "passed"
-    )  # run_code only sees the exit code ...
+    # run_code only sees the exit code ...
+    assert run_code("import sys; sys.exit(0)").status == "passed"
     for early in [
         "    import sys\n    sys.exit(0)\n",
         "    import os\n    os._exit(0)\n",
         "    return 0\n\nraise SystemExit(0)\n",
     ]:
-        r = check_correctness(
-            PROBLEMS[0], early
-        )  # ... check_correctness also needs the marker after the tests
+        # ... check_correctness also needs the marker after the tests
+        r = check_correctness(PROBLEMS[0], early)
         assert (
             r.status == "failed" and r.returncode == 0 and "before its tests finished" in r.stderr
         )
     r = check_correctness(
         PROBLEMS[0], PROBLEMS[0]["canonical_solution"] + "    print('talkative')\n", timeout=30
     )
-    assert (
-        r.passed and r.stdout == ""
-    )  # the marker line is removed; the unreachable print never ran
+    # the marker line is removed; the unreachable print never ran
+    assert r.passed and r.stdout == ""
 
 
 ALWAYS_EQUAL = (
@@ -218,9 +214,8 @@ def test_statuses():
         and bad.returncode == 1
         and bad.stderr.strip().endswith("ZeroDivisionError: division by zero")
     )
-    assert (
-        'File "program.py", line 1' in bad.stderr
-    )  # tracebacks name the program, not a temporary path
+    # tracebacks name the program, not a temporary path
+    assert 'File "program.py", line 1' in bad.stderr
     crash = run_code("import ctypes; ctypes.string_at(0)", timeout=30)
     assert crash.status == "error" and crash.returncode == -signal.SIGSEGV
     syntax = run_code("def f(:\n", timeout=30)
@@ -234,9 +229,8 @@ def test_bad_limits_are_refused():
 
 
 def test_waiting_without_pidfd(monkeypatch):
-    monkeypatch.delattr(
-        os, "pidfd_open", raising=False
-    )  # an older kernel or Python: Popen.wait polls
+    # an older kernel or Python: Popen.wait polls
+    monkeypatch.delattr(os, "pidfd_open", raising=False)
     assert run_code("print(1)", timeout=30).stdout == "1\n"
     start = time.monotonic()
     assert (
@@ -262,9 +256,8 @@ def test_child_environment_is_clean_and_fresh(monkeypatch):
 
 
 def test_limits_leave_room_for_ordinary_programs():
-    r = run_code(
-        "x = bytearray(64 << 20); print(len(x) >> 20)", timeout=30
-    )  # 64 MiB under the 256 MiB limit
+    # 64 MiB under the 256 MiB limit
+    r = run_code("x = bytearray(64 << 20); print(len(x) >> 20)", timeout=30)
     assert r.passed and r.stdout == "64\n"
     assert run_code("x = bytearray(64 << 20)", memory_mb=32, timeout=30).status == "failed"
 
@@ -466,9 +459,8 @@ def test_pass_at_k_edge_cases_and_large_n():
 def test_evaluate_pass_at_k_counts_each_problem():
     problems = PROBLEMS[:3]
     good = {p["prompt"]: p["canonical_solution"] for p in problems}
-    wanted = {
-        p["prompt"]: i for i, p in enumerate(problems)
-    }  # problem i gets i correct samples out of 4
+    # problem i gets i correct samples out of 4
+    wanted = {p["prompt"]: i for i, p in enumerate(problems)}
     generate = lambda prompt, n: (
         [good[prompt]] * wanted[prompt] + ["    return None\n"] * (n - wanted[prompt])
     )

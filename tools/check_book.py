@@ -1,15 +1,15 @@
 #!/usr/bin/env python3
 """The HTML book in a real browser: `make check-book` runs this after `make book`.
 
-It serves book/ over HTTP on 127.0.0.1 (as a reader's local server would: Pagefind's search does
-not work from file://) and loads every page in headless Chromium (Debian's `chromium`, driven by
+It serves book/ over HTTP on 127.0.0.1 (as a reader's local server would: Pagefind's search does not
+work from file://) and loads every page in headless Chromium (Debian's `chromium`, driven by
 Playwright's Python API; `--chromium PATH` or $CHROMIUM for another), at 1280 px and at 390 px (a
 phone). It fails, listing every problem, on:
 
-- a console error or an uncaught exception; a request that fails or answers >= 400; any request
-  that leaves the machine (the book must work offline: no CDN);
-- a link inside the book to a page that does not exist, or to an id the page does not have; an
-  image that did not load;
+- a console error or an uncaught exception; a request that fails or answers >= 400; any request that
+  leaves the machine (the book must work offline: no CDN);
+- a link inside the book to a page that does not exist, or to an id the page does not have; an image
+  that did not load;
 - a page wider than the viewport at 390 px (wide code, tables and formulas scroll in their box);
 - at 1280 px, a code block or printed output of at most 100 columns that scrolls (100 columns must
   fit; a longer line, which tests/test_width.py forbids in code cells and outputs, is a warning);

@@ -1,16 +1,16 @@
-"""IsoFLOP runs for the compute chapter: for a few compute budgets C, train several small GPTs
-whose parameters N and training tokens D satisfy 6·N·D ≈ C; record each one's validation loss.
+"""IsoFLOP runs for the compute chapter: for a few compute budgets C, train several small GPTs whose
+parameters N and training tokens D satisfy 6·N·D ≈ C; record each one's validation loss.
 
     OMP_NUM_THREADS=1 nice -n 10 python tools/isoflop.py nbs/results/isoflop.json
 
 Character tokens of the Austen corpus, context 64, batch 16, AdamW at one peak learning rate with a
 warmup of a tenth of the steps and a cosine decay to a tenth of the peak over each run's own length
 (as Chinchilla matched the schedule to each run). Every model starts from the same seed and sees the
-same batches in the same order (a run with fewer steps sees a prefix of a longer one's batches).
-The JSON (written atomically after every run; run the command again to resume a stopped sweep:
-it keeps the finished runs made with the same settings) holds one record per run: budget, layers,
-width, N (all parameters; the character embedding is tiny), N without the embeddings, D, steps,
-C = 6·N·D, validation loss and seconds. About ten minutes on one thread of a busy machine.
+same batches in the same order (a run with fewer steps sees a prefix of a longer one's batches). The
+JSON (written atomically after every run; run the command again to resume a stopped sweep: it keeps
+the finished runs made with the same settings) holds one record per run: budget, layers, width, N
+(all parameters; the character embedding is tiny), N without the embeddings, D, steps, C = 6·N·D,
+validation loss and seconds. About ten minutes on one thread of a busy machine.
 """
 
 import argparse
@@ -121,9 +121,8 @@ def main(argv=None):
     )
     settings = {k: v for k, v in out.items() if k not in ("command", "torch", "machine", "runs")}
     done = {}
-    if Path(
-        args.out
-    ).exists():  # resume: keep the runs a stopped sweep finished with these settings
+    # resume: keep the runs a stopped sweep finished with these settings
+    if Path(args.out).exists():
         old = json.loads(Path(args.out).read_text())
         if all(old.get(k) == v for k, v in settings.items()):
             done = {(r["budget"], r["n_layer"], r["n_embd"]): r for r in old["runs"]}

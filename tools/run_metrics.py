@@ -4,12 +4,10 @@ book can read.
     python tools/run_metrics.py RUN_DIR OUT.json [--note TEXT]
 
 Reads the run's last checkpoint (`RUN_DIR/ckpt`: weights and state.json with the evaluation history
-and samples),
-takes bits per character on the whole validation split from the run's `metrics.json` when the run
-finished (or
-measures it, when it was stopped), and writes the history, the final numbers, the model and
-training configs, the parameter count, tokens seen, wall time and hardware. The checkpoint itself
-stays out of git.
+and samples), takes bits per character on the whole validation split from the run's `metrics.json`
+when the run finished (or measures it, when it was stopped), and writes the history, the final
+numbers, the model and training configs, the parameter count, tokens seen, wall time and hardware.
+The checkpoint itself stays out of git.
 """
 
 import argparse
@@ -40,9 +38,8 @@ def main(argv=None):
     state = json.loads((ckpt / "state.json").read_text())
     model, tok = load_run(run)
     done = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").exists() else {}
-    if (
-        done.get("history", [{}])[-1].get("step") == state["step"]
-    ):  # a finished run: its own final evaluation
+    # a finished run: its own final evaluation
+    if done.get("history", [{}])[-1].get("step") == state["step"]:
         final, hw = done["final"], done["hardware"]
     else:  # stopped part-way: evaluate its last checkpoint here
         final, hw = (
