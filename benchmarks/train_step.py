@@ -11,18 +11,31 @@ initialisation — and its optimizer as `configure_optimizers` builds it on a CP
 parameter groups, not fused (nanoGPT fuses only on CUDA). It is the reference, labelled as such in
 the output.
 
+With `--nanogpt-dir DIR` (a checkout of karpathy/nanoGPT that you provide; it is never downloaded
+here), the reference is nanoGPT's own `model.py` instead, imported from DIR: its `GPT`, `GPTConfig`
+(dropout 0, bias True) and `configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")`, in this run.
+
 Ours: `minillm.model.GPT`, gpt2 family (the same architecture: LayerNorm, exact GELU, biases, tied
-embeddings), with `torch.optim.AdamW(fused=True)`; and the same without biases (nanoGPT's `train.py`
-also defaults to `bias=False`).
+embeddings), with `torch.optim.AdamW(fused=True)`; the same without biases (nanoGPT's `train.py`
+also defaults to `bias=False`); and the first model's training step through `torch.compile`
+(`train(compile=True)` does the same), whose compile time — the first step, all of it — is
+reported beside it (`--no-compile` leaves that row out; a later run compiles faster, from the
+kernels TorchInductor cached on disk).
 
 Method: all models take turns, `--rounds` rounds of `--steps` steps each after a warm-up, on the
 same batch, so that they see the same machine load; we report the best round (the least disturbed:
 the machine is shared) and the median round, and the speed-up of ours over the reference for both.
+The target: ours (`minillm`, eager) takes at most `--target` (1.0) times the reference's best-round
+time; the script exits with status 1 when it is missed.
 
     .venv/bin/python benchmarks/train_step.py [--rounds 20] [--steps 5] [--threads 2] [--scratch]
+        [--nanogpt-dir DIR] [--no-compile] [--target 1.0]
 """
 
 import argparse
+import contextlib
+import importlib.util
+import io
 import math
 import os
 import statistics
@@ -189,10 +202,30 @@ def with_scratch_layers(model: GPT) -> GPT:
     return model
 
 
+# ---------------------------------------------------------------- the real nanoGPT, if given
+def load_nanogpt(nanogpt_dir):
+    "nanoGPT's `model.py` from a checkout (its `GPT` and `GPTConfig`), imported under another name."
+    path = os.path.join(nanogpt_dir, "model.py")
+    if not os.path.isfile(path):
+        raise SystemExit(f"--nanogpt-dir {nanogpt_dir}: no model.py there (a nanoGPT checkout?)")
+    spec = importlib.util.spec_from_file_location("nanogpt_model", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 # ---------------------------------------------------------------- the benchmark
-def make_step(name, x, y):
+def make_step(name, x, y, nanogpt=None):
     torch.manual_seed(0)
-    if name.startswith("nanoGPT"):
+    if name.startswith("nanoGPT") and nanogpt is not None:
+        conf = nanogpt.GPTConfig(
+            block_size=T, vocab_size=VOCAB, n_layer=N_LAYER, n_head=N_HEAD, n_embd=N_EMBD,
+            dropout=0.0, bias=True,
+        )  # fmt: skip
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints its parameter counts
+            model = nanogpt.GPT(conf)
+            opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
+    elif name.startswith("nanoGPT"):
         model = NanoGPT(VOCAB, T, N_LAYER, N_HEAD, N_EMBD, bias=True)
         opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
     else:
@@ -217,9 +250,10 @@ def make_step(name, x, y):
             betas=(0.9, 0.99),
             fused=True,
         )
+    stepper = torch.compile(model) if "compiled" in name else model
 
     def step():
-        _, loss = model(x, y)
+        _, loss = stepper(x, y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -237,21 +271,42 @@ def main():
         action="store_true",
         help="also time our model with the chapter's from-scratch LayerNorm and GELU",
     )
+    ap.add_argument(
+        "--nanogpt-dir",
+        help="a nanoGPT checkout: time its own model.py as the reference (default: the "
+        "re-implementation above)",
+    )
+    ap.add_argument(
+        "--target",
+        type=float,
+        default=1.0,
+        help="most time per step of ours (minillm, best round) / the reference's; exit 1 above it",
+    )
+    ap.add_argument(
+        "--no-compile", action="store_true", help="leave out the row of ours with torch.compile"
+    )
     args = ap.parse_args()
+    nanogpt = load_nanogpt(args.nanogpt_dir) if args.nanogpt_dir else None
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
     x, y = (
         torch.randint(0, VOCAB, (B, T), generator=g),
         torch.randint(0, VOCAB, (B, T), generator=g),
     )
-    names = ["nanoGPT (reference)", "minillm", "minillm, no bias"] + (
-        ["minillm, from-scratch LN+GELU"] if args.scratch else []
+    ref = "nanoGPT model.py (reference)" if nanogpt else "nanoGPT re-impl. (reference)"
+    names = (
+        [ref, "minillm", "minillm, no bias"]
+        + ([] if args.no_compile else ["minillm, compiled"])
+        + (["minillm, from-scratch LN+GELU"] if args.scratch else [])
     )
-    models, steps = {}, {}
+    models, steps, first = {}, {}, {}
     for name in names:
-        models[name], steps[name] = make_step(name, x, y)
-    for step in steps.values():
-        for _ in range(3):
+        models[name], steps[name] = make_step(name, x, y, nanogpt)
+    for name, step in steps.items():
+        t = time.perf_counter()
+        step()  # the first step: where torch.compile compiles
+        first[name] = time.perf_counter() - t
+        for _ in range(2):
             step()
     times = {name: [] for name in names}
     for _ in range(args.rounds):
@@ -272,6 +327,13 @@ def main():
         f"{args.rounds} rounds of {args.steps} steps, models taking turns; load average before: "
         f"{' '.join(f'{l:.2f}' for l in os.getloadavg())}"
     )
+    if nanogpt is not None:
+        print(f"reference: nanoGPT's own model.py from {args.nanogpt_dir}")
+    if "minillm, compiled" in first:
+        print(
+            f"torch.compile: first step of ours compiled {first['minillm, compiled']:.1f} s "
+            f"(eager first step {first['minillm']:.2f} s)"
+        )
     ref_best, ref_med = min(times[names[0]]), statistics.median(times[names[0]])
     print(
         f"{'model':32s}{'best ms/step':>13s}{'median':>9s}{'tokens/s':>10s}"
@@ -283,6 +345,14 @@ def main():
             f"{name:32s}{best:>13.1f}{med:>9.1f}{B * T / best * 1000:>10,.0f}"
             f"{best / ref_best:>24.3f}{med / ref_med:>8.3f}"
         )
+    ratio = min(times["minillm"]) / ref_best
+    ok = ratio <= args.target
+    print(
+        f"target: minillm / reference ≤ {args.target:.2f} (best round) — "
+        f"{'met' if ok else 'NOT met'} ({ratio:.3f})"
+    )
+    if not ok:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":
