@@ -27,16 +27,15 @@ train its char-level recipe (`config/train_shakespeare_char.py` with the CPU set
 `--device=cpu --compile=False --eval_iters=20 --log_interval=1 --block_size=64 --batch_size=12
 --n_layer=4 --n_head=4 --n_embd=128 --max_iters=N --lr_decay_iters=N --dropout=0.0`, N = `--iters`,
 2,000 by default) on our Austen split, encoded one character a token as its `prepare.py` does, in a
-subprocess with `--threads` threads. Its wall time T (process start to exit, less the time a
-Python process takes to start and import numpy and torch, measured just before, as our clock starts
-after those imports) is the budget of ours, whose clock covers everything from loading the tokenizer
-on: encoding, model, calibration, training and its last evaluation (T may be overrun by 2% at
-most). Both models are then scored the same way after the clocks stop: bits/char on the whole
-validation split (nanoGPT's from its last checkpoint, `--always_save_checkpoint=True` so that it
-holds the weights after N steps, those its last evaluation scored; its loop then takes one more
-step before it stops). The target is then ours ≤
-nanoGPT's bits/char within 1.02 T; both ratios are printed. Only a full run (`--iters 2000`) is the
-comparison; a small `--iters` (e.g. 50) checks the wiring.
+subprocess with `--threads` threads. Its wall time T (process start to exit, less the time a Python
+process takes to start and import numpy and torch, measured just before, as our clock starts after
+those imports) is the budget of ours, whose clock covers everything from loading the tokenizer on:
+encoding, model, calibration, training and its last evaluation (T may be overrun by 2% at most).
+Both models are then scored the same way after the clocks stop: bits/char on the whole validation
+split (nanoGPT's from its last checkpoint, `--always_save_checkpoint=True` so that it holds the
+weights after N steps, those its last evaluation scored; its loop then takes one more step before it
+stops). The target is then ours ≤ nanoGPT's bits/char within 1.02 T; both ratios are printed. Only a
+full run (`--iters 2000`) is the comparison; a small `--iters` (e.g. 50) checks the wiring.
 
     .venv/bin/python benchmarks/quality.py [--budget 116] [--threads 2] [--calibrate 25]
     [--char-baseline [--char-iters 2000]] [--nanogpt-dir DIR [--iters 2000]]

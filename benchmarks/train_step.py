@@ -18,9 +18,9 @@ here), the reference is nanoGPT's own `model.py` instead, imported from DIR: its
 Ours: `minillm.model.GPT`, gpt2 family (the same architecture: LayerNorm, exact GELU, biases, tied
 embeddings), with `torch.optim.AdamW(fused=True)`; the same without biases (nanoGPT's `train.py`
 also defaults to `bias=False`); and the first model's training step through `torch.compile`
-(`train(compile=True)` does the same), whose compile time — the first step, all of it — is
-reported beside it (`--no-compile` leaves that row out; a later run compiles faster, from the
-kernels TorchInductor cached on disk).
+(`train(compile=True)` does the same), whose compile time — the first step, all of it — is reported
+beside it (`--no-compile` leaves that row out; a later run compiles faster, from the kernels
+TorchInductor cached on disk).
 
 Method: all models take turns, `--rounds` rounds of `--steps` steps each after a warm-up, on the
 same batch, so that they see the same machine load; we report the best round (the least disturbed:

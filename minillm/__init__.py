@@ -2,11 +2,11 @@
 
 Modules:
 
-- `minillm.align`: The instruction-tuned model answers in the right form but often wrongly. Alignment trains it on which answers are *better*: a reward model learns preferences, PPO optimises the model against it under a KL leash, and DPO gets there from the same preferences without a reward model or sampling.
+- `minillm.align`: The instruction-tuned model answers in the right form but often wrongly. Alignment trains it on which answers are *better*: a reward model learns preferences, PPO optimises the model against it while a penalty keeps it close to where it started, and DPO gets there from the same preferences without a reward model or sampling; where answers can be checked, GRPO trains on the check itself.
 - `minillm.attention`: Self-attention built up one checked step at a time, from a weightless dot product to PyTorch's fused kernel, with the grouped-query attention and the KV cache the model uses.
 - `minillm.chat`: A chat is a loop around generation: the conversation written in the chat template, cut to fit the context window by dropping whole turns, a reply streamed until the model writes `<|end|>`, and a prompt that survives bad input and Ctrl-C.
 - `minillm.cli`: The command line: `minillm train`, `minillm sample` and `minillm tokenize` for runs too long for a notebook; `minillm chat` and `minillm eval` for the tuned model.
-- `minillm.compute`: What training costs, from first principles: FLOPs ≈ 6·N·D, the memory per parameter, Chinchilla's 20 tokens per parameter, GPU-hours and dollars at a stated utilisation; our runs' measured MFU; a learning-rate sweep and a small scaling law.
+- `minillm.compute`: What training costs, from first principles: FLOPs ≈ 6·N·D, the memory per parameter, Chinchilla's 20 tokens per parameter, GPU-hours and dollars at a stated utilisation; our runs' measured MFU; a learning-rate sweep, a small scaling law, and the compute-optimal model size, by Kaplan's, Chinchilla's and our own measurements.
 - `minillm.data`: Where the text comes from, how we get it without surprises, what it looks like, and the split every later chapter uses.
 - `minillm.distributed`: Mixed precision (why bf16 and not fp16), `torch.compile`, and data parallelism with `torch.distributed`: several processes, each on its own batch, kept identical by AllReduce; launched by `torchrun` on one machine or many; FSDP when the model no longer fits.
 - `minillm.embeddings`: From token ids to the (B, T, C) tensor a transformer reads: sliding windows, batches, token embeddings, and three ways to encode position.

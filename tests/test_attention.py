@@ -180,3 +180,49 @@ def test_bad_shapes_have_clear_messages():
         CausalSelfAttention(36, n_head=6, n_kv_head=4)
     with pytest.raises(ValueError, match="n_kv_head=0"):
         CausalSelfAttention(32, n_head=4, n_kv_head=0)
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2])
+@pytest.mark.parametrize("use_rope", [False, True])
+def test_decode_path_equals_general_path(x, n_kv_head, use_rope):
+    "One new token with no mask takes `_decode`; a mask that hides nothing forces the general path."
+    torch.manual_seed(7)
+    m = CausalSelfAttention(32, n_head=4, n_kv_head=n_kv_head).eval()
+    cos, sin = rope_cos_sin(64, 8)
+    rope = (cos[10:11], sin[10:11]) if use_rope else None
+    with torch.no_grad():
+        caches = [KVCache(2, n_kv_head, 16, 8) for _ in range(2)]
+        for c in caches:
+            m(x[:, :10], rope=(cos[:10], sin[:10]) if use_rope else None, cache=c)
+        fast = m(x[:, 10:11], rope=rope, cache=caches[0])
+        slow = m(x[:, 10:11], rope=rope, cache=caches[1], mask=torch.ones(1, 11, dtype=torch.bool))
+    torch.testing.assert_close(fast, slow, **TOL)
+    assert caches[0].pos == caches[1].pos == 11
+    torch.testing.assert_close(caches[0].kv, caches[1].kv, **TOL)
+    assert caches[0].k.data_ptr() == caches[0].kv.data_ptr()  # k and v are views of one buffer
+    caches[0].pos = 16  # full: the decode path refuses too
+    with pytest.raises(
+        ValueError, match=r"KV cache full: 16 cached \+ 1 new positions > max_len=16"
+    ):
+        m(x[:, :1], cache=caches[0])
+
+
+def test_padding_mask_hides_left_padding(x):
+    """A row left-padded by 3 positions, with a mask that hides the pads (each pad query sees only
+    itself), gives the unpadded row's outputs at its real positions, with RoPE positions counted
+    from the first real token."""
+    torch.manual_seed(8)
+    m = CausalSelfAttention(32, n_head=4, n_kv_head=2).eval()
+    cos, sin = rope_cos_sin(64, 8)
+    T, pad = x.shape[1], 3
+    with torch.no_grad():
+        alone = m(x[:1], rope=(cos[:T], sin[:T]))
+        padded = torch.cat([torch.randn(1, pad, 32), x[:1]], dim=1)  # (1, pad + T, C)
+        real = torch.arange(pad + T) >= pad
+        pos = (real.cumsum(0) - 1).clamp(min=0)
+        causal = torch.ones(pad + T, pad + T, dtype=torch.bool).tril()
+        mask = causal & (real[None, :] | torch.eye(pad + T, dtype=torch.bool))
+        out = m(padded, rope=(cos[pos], sin[pos]), mask=mask)
+        unmasked = m(padded, rope=(cos[pos], sin[pos]), mask=causal)
+    torch.testing.assert_close(out[:, pad:], alone, **TOL)
+    assert (unmasked[:, pad:] - alone).abs().max() > 1e-3  # without the mask the pads leak in

@@ -1,6 +1,5 @@
 """The training loop: exact resume after a kill, NaN handling, checkpoint validation, the schedule,
-the optimizer,
-bits per character, and the `minillm` command line."""
+the optimizer, bits per character, and the `minillm` command line."""
 
 import json
 import math
@@ -85,9 +84,8 @@ def test_resume_after_kill_is_bit_identical(tmp_path):
     )
     assert r.returncode == -9, r.stderr  # killed, as intended
     assert json.loads((tmp_path / "ckpt" / "state.json").read_text())["step"] == 100
-    resumed = tiny_model(
-        seed=99
-    )  # different initial weights: the checkpoint must overwrite all of them
+    # different initial weights: the checkpoint must overwrite all of them
+    resumed = tiny_model(seed=99)
     h2 = train(resumed, TOKENS[:15000], TOKENS[15000:], cfg(), tmp_path, progress=False)
     assert h1[-1]["val_loss"] == h2[-1]["val_loss"] and h1[-1]["train_loss"] == h2[-1]["train_loss"]
     assert all(
@@ -204,9 +202,8 @@ def test_bad_train_config(kw, msg):
 def test_schedule():
     c = TrainConfig(max_steps=1000, warmup_steps=100, lr=1.0, min_lr=0.1)
     assert lr_at(0, c) == 0.01 and lr_at(99, c) == 1.0
-    assert lr_at(550, c) == pytest.approx(
-        0.55
-    )  # halfway through the cosine: the mean of lr and min_lr
+    # halfway through the cosine: the mean of lr and min_lr
+    assert lr_at(550, c) == pytest.approx(0.55)
     assert lr_at(1000, c) == pytest.approx(0.1) and lr_at(5000, c) == pytest.approx(0.1)
     assert all(lr_at(s, c) >= lr_at(s + 1, c) for s in range(100, 1000))
 
@@ -258,9 +255,8 @@ def test_bits_per_char_and_evaluate_bpc():
             for s in range(0, 99, 32)
         )
     assert r["tokens"] == 99 and r["loss"] == pytest.approx(nll / 99, rel=1e-5)
-    assert r["bits_per_char"] == pytest.approx(
-        nll / len(text) / math.log(2), rel=1e-5
-    )  # bits per *character*
+    # bits per *character*
+    assert r["bits_per_char"] == pytest.approx(nll / len(text) / math.log(2), rel=1e-5)
 
 
 # ---- the command line
@@ -333,17 +329,16 @@ def test_cli_train_resume_and_sample(tmp_path):
     )
     assert r.returncode == 0 and r.stdout.startswith("Emma"), r.stderr
     r2 = cli("train", "--out", str(tmp_path / "run"), "--max-steps", "6", "--quiet")
-    assert (
-        r2.returncode == 0 and r2.stdout == first.stdout
-    )  # resumed at its end: the same model, the same numbers
+    # resumed at its end: the same model, the same numbers
+    assert r2.returncode == 0 and r2.stdout == first.stdout
     assert (
         json.loads((tmp_path / "run" / "metrics.json").read_text())["history"] == metrics["history"]
     )
 
 
 def test_rng_states_hold_every_gpu_and_old_checkpoints_still_load(monkeypatch):
-    """On a GPU dropout draws from the CUDA generators: their states are saved (one per device)
-    and restored; a checkpoint without them (from a CPU, or an older version) restores the rest."""
+    """On a GPU dropout draws from the CUDA generators: their states are saved (one per device) and
+    restored; a checkpoint without them (from a CPU, or an older version) restores the rest."""
     gen = torch.Generator().manual_seed(0)
     fake = [torch.tensor([1, 2], dtype=torch.uint8), torch.tensor([3, 4], dtype=torch.uint8)]
     restored = []
