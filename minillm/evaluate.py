@@ -48,7 +48,7 @@ from minillm.tasks import (
     fact_choices,
     instruction_examples,
 )
-from .train import bits_per_char, evaluate_bpc
+from .train import bpc_summary, evaluate_bpc
 
 # %% ../nbs/14_evaluate.ipynb #27763bfc
 def sliding_window_bpc(
@@ -95,15 +95,7 @@ def sliding_window_bpc(
                 n += int((y >= 0).sum())
     finally:
         model.train(was_training)
-    loss = nll / n
-    return {
-        "tokens": n,
-        "loss": loss,
-        "perplexity": math.exp(loss),
-        "bits_per_char": bits_per_char(loss, n, len(text)),
-        "windows": len(windows),
-        "min_context": T - stride + 1,
-    }
+    return {**bpc_summary(nll, n, text), "windows": len(windows), "min_context": T - stride + 1}
 
 # %% ../nbs/14_evaluate.ipynb #3130759f
 @contextmanager

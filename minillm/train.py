@@ -15,9 +15,9 @@ Limit: on a GPU bit-exact resume also needs deterministic kernels."""
 
 # %% auto #0
 __all__ = ['CKPT_FILES', 'STATE_KEYS', 'PRESETS', 'TrainConfig', 'train_config', 'estimate_loss', 'bits_per_char', 'evaluate_bpc',
-           'configure_optimizer', 'lr_at', 'save_checkpoint', 'find_checkpoint', 'read_state', 'load_checkpoint',
-           'TrainingDiverged', 'train_step', 'train', 'Preset', 'get_preset', 'hardware', 'check_run', 'train_run',
-           'load_run', 'run_dir', 'pretrained']
+           'bpc_summary', 'configure_optimizer', 'lr_at', 'save_checkpoint', 'find_checkpoint', 'read_state',
+           'load_checkpoint', 'TrainingDiverged', 'train_step', 'train', 'Preset', 'get_preset', 'hardware',
+           'check_run', 'train_run', 'load_run', 'run_dir', 'pretrained']
 
 # %% ../nbs/07_pretrain.ipynb #63f4289f
 import contextlib
@@ -171,6 +171,11 @@ def evaluate_bpc(model, tok: Tokenizer, text: str, batch_size: int = 16) -> dict
         ).item()
         n += int((y >= 0).sum())
     model.train(was_training)
+    return bpc_summary(nll, n, text)
+
+
+def bpc_summary(nll: float, n: int, text: str) -> dict:
+    "Summed negative log-likelihood `nll` (nats) of `n` tokens of `text` as the four usual figures."
     loss = nll / n
     return {
         "tokens": n,
