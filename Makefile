@@ -67,8 +67,12 @@ test: $(STAMP)
 	    --nbval --nbval-current-env --nbval-sanitize-with nbs/sanitize.cfg; \
 	  echo "make test: unit tests and notebooks took $$((SECONDS - t)) s"
 
+# The unit tests without the notebooks and without the tests marked `models` (those that need the trained models of
+# `make models`; tests/conftest.py marks them): a few minutes on a fresh clone, nothing trained.
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -n $(JOBS) tests
+	@t=$$SECONDS; \
+	  OMP_NUM_THREADS=$(if $(filter 1,$(JOBS)),2,1) $(PY) -m pytest -q -n $(JOBS) -m "not models" tests; \
+	  s=$$?; echo "make test-fast: unit tests (without the trained models) took $$((SECONDS - t)) s"; exit $$s
 
 clean-nbs: $(STAMP)
 	$(VENV)/bin/nbdev-clean

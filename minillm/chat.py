@@ -24,9 +24,9 @@ __all__ = ['HELP', 'split_turns', 'fit_history', 'prompt_ids', 'reply', 'chat_lo
 # %% ../nbs/15_chat.ipynb #60623a97
 from typing import Iterator
 
+from .finetune import check_positive_int
 from .generate import stream_text
-from .tasks import encode_chat
-from .tokenizer import SPECIAL_TOKENS
+from .tokenizer import SPECIAL_TOKENS, encode_chat
 
 # %% ../nbs/15_chat.ipynb #5e828352
 def split_turns(messages: list[dict]) -> tuple[list[dict], list[list[dict]]]:
@@ -50,11 +50,7 @@ def fit_history(tok, messages: list[dict], context_length: int, max_new_tokens: 
     it cannot fit alone."""
     if not messages or messages[-1].get("role") != "user":
         raise ValueError("the conversation must end with a user message for the model to reply to")
-    if not 0 < max_new_tokens < context_length:
-        raise ValueError(
-            f"max_new_tokens={max_new_tokens}: must be between 1 and {context_length - 1} "
-            f"(the context is {context_length} tokens)"
-        )
+    check_positive_int("max_new_tokens", max_new_tokens, context_length - 1)
     system, turns = split_turns(messages)
     n_system = len(encode_chat(tok, system)[0])
     # also refuses special-token text in any message

@@ -69,6 +69,18 @@ def read_config(path) -> dict:
     return cfg
 
 
+def _steps(run: Path):
+    """(step, max_steps, finished) of the run in directory `run`, from its last checkpoint; None if
+    it holds none. A run is finished once `metrics.json` is written."""
+    from minillm.train import find_checkpoint, read_state
+
+    if (ck := find_checkpoint(run / "ckpt")) is None:
+        return None
+    state = read_state(ck, ("step",))
+    max_steps = state.get("train_config", {}).get("max_steps")
+    return state["step"], max_steps, (run / "metrics.json").exists()
+
+
 def train(
     preset: one_of(*PRESET_NAMES) = "austen-tiny",  # the recipe
     # run directory, resumed if it holds a run (default: {cache}/runs/<preset>-<recipe hash>)
@@ -85,16 +97,25 @@ def train(
 ):
     "Train a GPT on the novels of Jane Austen, checkpointing as it goes."
     check_device(device)
-    from minillm.train import get_preset, run_dir, train_config, train_run
+    from minillm.train import check_run, get_preset, run_dir, train_config, train_run
 
     p = get_preset(preset)
     settings = read_config(config) if config else {}
     train_config(settings, p.train, source=config)  # the file alone: an error names it
     options = dict(max_steps=max_steps, lr=lr, batch_size=batch_size, dtype=dtype)
     overrides = settings | {k: v for k, v in options.items() if v is not None}
-    train_config(overrides, p.train)  # the same rules for both; nothing is written before this
+    cfg = train_config(overrides, p.train)  # the same rules for both
     out = Path(out) if out else run_dir(preset)
-    print(f"training {preset} into {out}", file=sys.stderr)
+    # a run of another recipe in `out` is refused here, before anything is written
+    check_run(out, preset, **overrides)
+    steps = _steps(out)
+    if steps and steps[2] and steps[0] >= cfg.max_steps:  # nothing left to train
+        print(f"{out}: already trained ({steps[0]} of {cfg.max_steps} steps)", file=sys.stderr)
+        return _print_validation(out / "metrics.json")
+    if steps and steps[0] >= cfg.max_steps:  # interrupted before its final evaluation
+        print(f"{out}: trained ({steps[0]} steps), not yet evaluated: evaluating", file=sys.stderr)
+    else:
+        print(f"training {preset} into {out}", file=sys.stderr)
 
     def log(step, r):
         print(
@@ -104,8 +125,8 @@ def train(
         if "sample" in r:
             print("  " + r["sample"].replace("\n", "\n  "), file=sys.stderr)
 
-    _, _, metrics = train_run(
-        p,
+    train_run(
+        preset,  # by name, which metrics.json records
         out,
         device,
         progress=not quiet,
@@ -113,7 +134,14 @@ def train(
         sample_prompt=sample_prompt or None,
         **overrides,
     )
-    f = metrics["final"]
+    _print_validation(out / "metrics.json")
+
+
+def _print_validation(path: Path):
+    "Print the final validation result that the run's `metrics.json` (at `path`) holds."
+    f = json.loads(path.read_text()).get("final")  # valid JSON: check_run or train_run checked it
+    if not isinstance(f, dict) or not {"loss", "perplexity", "bits_per_char"} <= set(f):
+        raise ValueError(f"{path}: holds no final validation result")
     print(
         f"validation: {f['loss']:.4f} nats/token, perplexity {f['perplexity']:.2f}, "
         f"{f['bits_per_char']:.4f} bits/char"
@@ -134,10 +162,15 @@ def sample(
     "Generate text from a trained model."
     check_device(device)
     from minillm.generate import stream_text
-    from minillm.train import load_run, run_dir
+    from minillm.train import run_dir
 
-    run = Path(run) if run else run_dir("austen-tiny")
-    model, tok = load_run(run, device)
+    if run is None:
+        run = run_dir("austen-tiny")
+        if _steps(run) is None:  # not trained yet: say how
+            raise FileNotFoundError(
+                f"no trained model in {_show_path(run)} yet: `minillm train` trains it (minutes)"
+            )
+    model, tok = _load(Path(run), device)
     for i in range(num_samples):
         if i:
             print("\n" + "-" * 40)
@@ -154,6 +187,20 @@ def sample(
         ):
             print(piece, end="", flush=True)
         print()
+
+
+def _load(run: Path, device: str):
+    "`load_run(run, device)`, saying so on standard error if the run has not finished training."
+    from minillm.train import load_run
+
+    if (steps := _steps(run)) and not steps[2]:
+        at = f"{steps[0]} of {steps[1]}" if steps[1] else steps[0]
+        print(
+            f"{run}: its training did not finish (no metrics.json): "
+            f"using the checkpoint of step {at}",
+            file=sys.stderr,
+        )
+    return load_run(run, device)
 
 # %% ../nbs/A_cli.ipynb #8bfe71b9
 def tokenize(
@@ -217,13 +264,19 @@ def _piped_input(prompt: str) -> str:
 
 
 def _tuned_or_run(run, device):
+    "The model of run directory `run`, or by default the instruction-tuned one."
     if run:
-        from minillm.train import load_run
+        return _load(Path(run), device)
+    from minillm.finetune import instruction_tuned, sft_dir
 
-        return load_run(Path(run), device)
-    from minillm.finetune import instruction_tuned
-
-    return instruction_tuned(device=device)
+    if not (sft_dir() / "metrics.json").exists():
+        print(
+            f"fine-tuning the instruction-tuned model once, into {_show_path(sft_dir())} "
+            "(minutes; later commands load it)",
+            file=sys.stderr,
+            flush=True,
+        )
+    return instruction_tuned(device=device, progress=sys.stderr.isatty())
 
 # %% ../nbs/A_cli.ipynb #5ff0105e
 def evaluate(
@@ -267,7 +320,8 @@ def _usage() -> str:
     return (
         "usage: minillm {"
         + ",".join(COMMANDS)
-        + "} [options]   (minillm <command> --help for its options)\n"
+        + "} [options]\n"
+        + "       minillm <command> --help   (the options of a command)\n"
         + "       minillm --version\n\n"
         + "\n".join(f"  {n:<9} {f.__doc__}" for n, f in COMMANDS.items())
         + f"\n\npresets: {', '.join(PRESET_NAMES)}"

@@ -132,7 +132,9 @@ class MLP(nn.Module):
             h = F.silu(gate) * up  # (B, T, H)
         else:
             h = F.gelu(h, approximate=self.gelu)
-        return self.dropout(self.c_proj(h))  # (B, T, C)
+        h = self.c_proj(h)  # (B, T, C)
+        # dropout at p = 0, or outside training, is the identity: skip the call
+        return self.dropout(h) if self.training and self.dropout.p else h
 
 # %% ../nbs/05_model.ipynb #6df3d1c9
 def norm(cfg: GPTConfig) -> nn.Module:
@@ -203,13 +205,16 @@ class GPT(nn.Module):
                 f"{start + T} positions exceed context_length={self.config.context_length}: "
                 f"crop the input to its last {self.config.context_length} tokens"
             )
+        if cache is not None and T == 1 and targets is None and not self.training:
+            return self._decode(idx, cache, start), None  # generation's one-token step
         x = self.wte(idx)  # (B, T, C)
         rope = None
         if self.wpe is not None:
             x = x + self.wpe.weight[start : start + T]  # (T, C): the learned positions
         else:
             rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])  # (T, hs)
-        x = self.drop(x)
+        if self.training and self.drop.p:
+            x = self.drop(x)
         for i, block in enumerate(self.h):
             x = block(x, rope, None if cache is None else cache[i])  # (B, T, C)
         x = self.ln_f(x)
@@ -220,6 +225,22 @@ class GPT(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
         return logits, loss
+
+    def _decode(self, idx, cache: list[KVCache], pos: int):
+        """The logits `(B, 1, V)` of one new token per sequence, `idx` `(B, 1)` at position `pos`,
+        through the KV cache: the operations of `forward`, so the same logits, without its general
+        Python (no dropout, no block calls, no `last_only` slice); each attention layer takes its
+        own one-token path."""
+        x = self.wte(idx)  # (B, 1, C)
+        rope = None
+        if self.wpe is not None:
+            x = x + self.wpe.weight[pos : pos + 1]
+        else:
+            rope = (self.rope_cos[pos : pos + 1], self.rope_sin[pos : pos + 1])
+        for block, c in zip(self.h, cache):
+            x = x + block.attn(block.ln_1(x), rope, c)
+            x = x + block.mlp(block.ln_2(x))
+        return self.lm_head(self.ln_f(x))  # (B, 1, V)
 
     def new_cache(self, batch_size: int = 1, max_len: int | None = None) -> list[KVCache]:
         """An empty KV cache, one `KVCache` per layer, for `batch_size` sequences of up to `max_len`

@@ -1,5 +1,46 @@
+"""Fixtures shared by the unit tests, and the `models` marker.
+
+A test that needs the trained models (`pretrained(...)`, `instruction_tuned()`: minutes of training
+on a fresh machine, then cached) is marked `models`, so that `make test-fast`
+(`pytest -m "not models"`) runs on a fresh clone without them. Mark such a test yourself with
+`@pytest.mark.models`, or let `pytest_collection_modifyitems` below do it: a test is marked when a
+fixture it uses (directly or through other fixtures) calls `pretrained(` or `instruction_tuned(`,
+or when the test itself calls them by name (not as `module.pretrained(`, which a test that
+monkeypatches the training calls)."""
+
+import functools
+import inspect
+import re
+
 import pytest
 import torch
+
+_CALLS_MODELS = re.compile(r"(?<![\w.])(pretrained|instruction_tuned)\(")
+
+
+@functools.lru_cache(maxsize=None)
+def _calls_models(func) -> bool:
+    try:
+        return bool(_CALLS_MODELS.search(inspect.getsource(func)))
+    except (OSError, TypeError):
+        return False
+
+
+def needs_models(item) -> bool:
+    "Does this test, or a fixture it uses, call `pretrained` or `instruction_tuned`?"
+    if item.get_closest_marker("models"):
+        return True
+    func = getattr(item, "function", None)
+    info = getattr(item, "_fixtureinfo", None)
+    fixtures = [] if info is None else info.name2fixturedefs.values()
+    funcs = [func] + [d.func for defs in fixtures for d in defs]
+    return any(f is not None and _calls_models(f) for f in funcs)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if needs_models(item):
+            item.add_marker(pytest.mark.models)
 
 
 @pytest.fixture(scope="module")

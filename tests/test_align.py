@@ -5,14 +5,15 @@ import math
 
 import pytest
 import torch
+from test_finetune import strict_device
 
 from minillm.align import (
     GRPOConfig,
     PPOConfig,
-    RewardModel,
     ValueHead,
     as_batch,
     chat_ids,
+    conversations,
     dpo_loss,
     fact_preferences,
     gae,
@@ -20,12 +21,15 @@ from minillm.align import (
     grpo,
     grpo_loss,
     implicit_pair_accuracy,
+    kl_to_ref,
+    pair_accuracy,
     ppo,
-    sample_responses,
+    reward,
     sequence_logprobs,
     train_dpo,
     train_reward_model,
 )
+from minillm.finetune import Classifier, answers, scores
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -72,7 +76,7 @@ def test_gae_by_hand_and_lambda_one_is_return_minus_value():
 
 def test_reward_model_learns_a_preference(model, tok):
     pairs = [dict(prompt="Whom does Emma marry?", chosen="Mr. Knightley", rejected="Mr. Darcy")] * 4
-    rm = RewardModel(model)
+    rm = Classifier(model, 1, zero_head=True)  # a reward model: a classifier with one output
     losses = train_reward_model(rm, tok, pairs, steps=30, batch_size=4, lr=3e-3)
     assert abs(losses[0] - math.log(2)) < 1e-6 and losses[-1] < 0.1
 
@@ -111,14 +115,55 @@ def test_ppo_runs_and_moves_toward_the_reward(model, tok):
     assert last > first + 0.1 and hist[-1]["kl"] > 0
 
 
-def test_sample_responses_groups_prompts_of_different_lengths(model, tok):
-    seqs, starts = sample_responses(
-        model, tok, ["Where?", "Whom does Emma marry?", "Where?"], max_new_tokens=3, seed=1
-    )
-    assert [s[:st] for s, st in zip(seqs, starts)] == [
-        chat_ids(tok, p)[0] for p in ["Where?", "Whom does Emma marry?", "Where?"]
-    ]
+def test_sampled_replies_make_conversations(model, tok):
+    prompts = ["Where?", "Whom does Emma marry?", "Where?"]
+    replies = answers(model, tok, prompts, 3, temperature=1.0, seed=1, decode=False)
+    seqs, starts = conversations(tok, prompts, replies)
+    assert [s[:st] for s, st in zip(seqs, starts)] == [chat_ids(tok, p)[0] for p in prompts]
     assert all(1 <= len(s) - st <= 3 for s, st in zip(seqs, starts))
+    assert answers(model, tok, prompts, 3, temperature=1.0, seed=1, decode=False) == replies
+    end = tok.special_tokens["<|end|>"]
+    text = answers(model, tok, prompts, 3, temperature=1.0, seed=1)
+    assert text == [tok.decode([t for t in r if t != end]) for r in replies]
+
+
+def test_reward_is_the_one_output_of_a_classifier(model, tok):
+    rm = Classifier(model, 1)
+    prompts, responses = ["Where?", "Who?"], ["Bath", [5, 6]]
+    r = reward(rm, tok, prompts, responses)
+    assert r.shape == (2,)
+    torch.testing.assert_close(r, scores(rm, conversations(tok, prompts, responses)[0])[:, 0])
+    pairs = [dict(prompt="Where?", chosen="Bath", rejected="Lyme")]
+    assert pair_accuracy(rm, tok, pairs) == float(
+        reward(rm, tok, ["Where?"], ["Bath"])[0] > reward(rm, tok, ["Where?"], ["Lyme"])[0]
+    )
+
+
+def test_every_function_keeps_its_tensors_where_the_model_is(model, tok):
+    ref, rm = copy.deepcopy(model).eval(), Classifier(copy.deepcopy(model), 1, zero_head=True)
+    value_head = ValueHead(32)
+    pairs = [dict(prompt="Whom does Emma marry?", chosen="Mr. Knightley", rejected="Mr. Darcy")]
+    tasks = [dict(prompt="Where?", response="Bath")] * 4
+    with strict_device():
+        assert len(train_reward_model(rm, tok, pairs * 2, steps=2, batch_size=2)) == 2
+        assert reward(rm, tok, ["Where?"], ["Bath"]).tolist() is not None
+        assert 0 <= pair_accuracy(rm, tok, pairs) <= 1
+        idx, starts, lengths = as_batch(*conversations(tok, ["Where?"], ["Bath"]), "cpu")
+        assert sequence_logprobs(model, idx, starts, lengths)[0].sum().item() < 0
+        ones = torch.ones(1, 3, device="cpu")
+        adv, _ = gae(ones, 0 * ones, ones)
+        assert adv.tolist()
+        rewards = lambda seqs, starts: torch.ones(len(seqs), device="cpu")
+        hist = ppo(
+            model, value_head, ref, rewards, tok, tasks, PPOConfig(4, 3, minibatch_size=2), 1
+        )
+        assert len(hist) == 1
+        assert dpo_loss(model, ref, tok, pairs)[0].item() > 0
+        assert len(train_dpo(model, ref, tok, pairs, steps=2, batch_size=1)) == 2
+        assert 0 <= implicit_pair_accuracy(model, ref, tok, pairs) <= 1
+        assert kl_to_ref(model, ref, tok, ["Where?"]) == kl_to_ref(model, ref, tok, ["Where?"])
+        cfg = GRPOConfig(prompts_per_step=2, group_size=2, max_new_tokens=3)
+        assert len(grpo(model, ref, tok, tasks, cfg, 1)) == 1
 
 
 def test_fact_preferences_hold_out_unseen_wrong_answers():

@@ -11,16 +11,32 @@ from pathlib import Path
 import pytest
 
 from minillm.chat import HELP, chat_loop, fit_history, prompt_ids, reply, split_turns
-from minillm.tasks import encode_chat
-from minillm.train import load_run, pretrained, run_dir
+from minillm.tokenizer import encode_chat
+from minillm.train import load_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def model_tok():
-    # same tokenizer and context (128) as the instruction-tuned model
-    return pretrained("austen-tiny")
+    """A tiny random GPT with the instruction-tuned model's context (128 tokens), and a small BPE
+    tokenizer with the chat tokens, trained on the messages below so that they take few tokens:
+    built in a second, no trained model needed."""
+    import torch
+
+    from minillm.model import GPT, GPTConfig
+    from minillm.tokenizer import BPETokenizer
+
+    text = " ".join(m["content"] for m in CONVO) + " Which novel is this passage from? Emma. "
+    tok = BPETokenizer().train(text * 40, vocab_size=512)
+    torch.manual_seed(0)
+    config = GPTConfig(
+        vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32, context_length=128
+    )
+    model = GPT(config).eval()
+    with torch.no_grad():  # special tokens get logit 0, below the largest random logit: greedy
+        model.lm_head.weight[list(tok.special_tokens.values())] = 0  # replies run to their limit
+    return model, tok
 
 
 def U(s):
@@ -97,7 +113,7 @@ def test_fit_history_bad_input(model_tok):
         fit_history(tok, CONVO[:3], 128, 48)
     with pytest.raises(ValueError, match="must end with a user message"):
         fit_history(tok, [], 128, 48)
-    with pytest.raises(ValueError, match="max_new_tokens=128: must be between 1 and 127"):
+    with pytest.raises(ValueError, match=r"max_new_tokens=128: must be an integer in \[1, 127\]"):
         fit_history(tok, CONVO, 128, 128)
     with pytest.raises(ValueError, match="special token '<\\|end\\|>'"):
         fit_history(tok, [U("Hi<|end|><|assistant|>Yes")], 128, 48)
@@ -376,8 +392,22 @@ def test_cli_unavailable_device_fails_before_writing(command, capsys, monkeypatc
 
 
 @pytest.fixture(scope="module")
-def run(model_tok):
-    return str(run_dir("austen-tiny"))
+def run(model_tok, tmp_path_factory):
+    "The tiny model saved as a finished run directory, as `minillm train` would leave it."
+    import json
+
+    import torch
+
+    from minillm.train import save_checkpoint
+
+    model, tok = model_tok
+    out = tmp_path_factory.mktemp("run")
+    tok.save(out / "tokenizer.model")
+    config = {k: getattr(model.config, k) for k in model.config.__dataclass_fields__}
+    state = {"step": 0, "model_config": config}
+    save_checkpoint(out / "ckpt", model, torch.optim.AdamW(model.parameters()), state)
+    (out / "metrics.json").write_text(json.dumps({"tiny": True}))
+    return str(out)
 
 
 def test_cli_chat_piped_quit_and_eof(run):

@@ -8,10 +8,12 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 
 from minillm.distributed import (
     ddp_run,
-    one_step,
+    ddp_train,
+    main,
     rank_generator,
     run_local,
     setup,
@@ -22,7 +24,14 @@ from minillm.distributed import (
 )
 from minillm.embeddings import random_batch
 from minillm.model import GPT, GPTConfig
-from minillm.train import TrainConfig, TrainingDiverged, load_checkpoint, train
+from minillm.train import (
+    TrainConfig,
+    TrainingDiverged,
+    configure_optimizer,
+    load_checkpoint,
+    train,
+    train_step,
+)
 
 TINY = dict(family="gpt2", vocab_size=64, context_length=16, n_layer=2, n_head=2, n_embd=32)
 TOKENS = np.random.default_rng(0).integers(0, 64, 5_000).astype(np.uint16)
@@ -30,6 +39,18 @@ TOKENS = np.random.default_rng(0).integers(0, 64, 5_000).astype(np.uint16)
 
 X, Y = random_batch(TOKENS, 8, 16, torch.Generator().manual_seed(0))  # (2B, T) each
 STEP_CFG = dict(batch_size=4, context_length=16, lr=1e-3, warmup_steps=0, max_steps=10)
+
+
+def one_step(rank, world_size, model_config, train_config, x, y):
+    """One DDP `train_step` of a fresh model (seed 0) on this rank's rows of the batch `x, y`; with
+    world_size 1 and no process group, plain training on all of it."""
+    cfg = TrainConfig(**train_config)
+    torch.manual_seed(0)
+    model = wrap_ddp(GPT(GPTConfig(**model_config)))
+    optimizer = configure_optimizer(model, cfg)
+    xs, ys = shard(x, rank, world_size), shard(y, rank, world_size)  # (B, T) each
+    losses = [train_step(model, optimizer, [(xs, ys)], cfg, 0)]
+    return {"weights": dict(unwrap(model).state_dict()), "losses": losses}
 
 
 def _train_worker(rank, world_size, out_dir):
@@ -237,3 +258,34 @@ def test_ranks_draw_different_dropout_masks(ranks):
 def test_a_nan_on_one_rank_stops_every_rank(ranks):
     messages = [r["diverged"] for r in ranks[0]]
     assert all(m.startswith("loss is nan at step 2 ") for m in messages), messages
+
+
+def test_run_local_runs_a_function_defined_anywhere():
+    """The processes are forked: a closure (which no other process could import) runs in each, in
+    one process group, and the results come back by rank."""
+    offset = 10
+
+    def summed(rank, world_size):
+        t = torch.tensor([float(rank + offset)])
+        dist.all_reduce(t)
+        return {"rank": rank, "world": world_size, "sum": t}
+
+    out = run_local(summed, 2)
+    assert [r["rank"] for r in out] == [0, 1] and {r["world"] for r in out} == {2}
+    assert all(r["sum"].item() == 21.0 for r in out)
+
+
+def test_command_line_options(capsys):
+    """`python -m minillm.distributed`: the options of `ddp_train`'s signature (fastcore's
+    `anno_parser`), with the presets as choices and the help of each option."""
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for option in ("--preset", "--out", "--max-steps", "--batch-size", "--grad-accum"):
+        assert option in out
+    assert "{austen-tiny,austen-15m,gpt2-124m}" in out and "(per rank)" in out
+    with pytest.raises(SystemExit) as e:
+        main(["--preset", "austen-huge"])
+    assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
+    assert ddp_train.__doc__.startswith("Train a preset data-parallel")

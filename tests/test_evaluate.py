@@ -1,18 +1,18 @@
 """Evaluation (minillm.evaluate) on a tiny random model: choice scores are exact log-probability
 sums, however the context is cropped or the choices batched; accuracies of an oracle and an
 anti-oracle; greedy chat answers stop at <|end|>; the table's layout; bad input is refused with the
-value named."""
+value named; every tensor where the model is."""
 
 import math
 import random
 
 import pytest
 import torch
+from test_finetune import strict_device
 
 from minillm.evaluate import (
     COLUMNS,
     QUESTION_FORMATS,
-    answer,
     as_choice_item,
     completion_sampler,
     confidence_interval,
@@ -28,6 +28,7 @@ from minillm.evaluate import (
     word_ngrams,
     words,
 )
+from minillm.finetune import answers
 from minillm.model import GPT, GPTConfig
 from minillm.tokenizer import BPETokenizer
 from minillm.train import evaluate_bpc
@@ -193,24 +194,25 @@ def _always(model, tok, token: int) -> GPT:
     return m.eval()
 
 
-def test_answer_stops_at_end_and_is_greedy(model, tok):
+def test_answers_stop_at_end_and_task_accuracy_checks_them(model, tok):
+    answer = lambda m, prompt, **kw: answers(m, tok, [prompt], **kw)[0]
     end = tok.special_tokens["<|end|>"]
-    assert answer(_always(model, tok, end), tok, "Whom does Emma marry?") == ""
+    assert answer(_always(model, tok, end), "Whom does Emma marry?") == ""
     a = tok.encode(" a")[0]
-    assert answer(
-        _always(model, tok, a), tok, "Whom does Emma marry?", max_new_tokens=5
-    ) == tok.decode([a] * 5)
-    assert answer(model, tok, "Whom does Emma marry?") == answer(
-        model, tok, "Whom does Emma marry?"
-    )  # greedy
+    assert answer(_always(model, tok, a), "Whom does Emma marry?", max_new_tokens=5) == tok.decode(
+        [a] * 5
+    )
     # a prompt longer than the context
-    assert isinstance(answer(model, tok, TEXT * 5, max_new_tokens=8), str)
+    assert isinstance(answer(model, TEXT * 5, max_new_tokens=8), str)
     r = task_accuracy(
         _always(model, tok, end),
         tok,
         [dict(prompt="Hi", response=""), dict(prompt="Who?", response="Emma")],
     )
     assert r["acc"] == 0.5 and r["answers"] == ["", ""] and r["n"] == 2
+    records = [dict(prompt=p, response="a") for p in ("Hi", "Who is she?", "Hi")]
+    replies = task_accuracy(model, tok, records, max_new_tokens=4)["answers"]
+    assert replies == answers(model, tok, [r["prompt"] for r in records], max_new_tokens=4)
 
 
 def test_completion_sampler_is_seeded(model, tok):
@@ -286,7 +288,7 @@ def test_bad_input_names_the_value(model, tok):
     with pytest.raises(ValueError, match="neither 'context' nor 'question'"):
         multiple_choice_accuracy(model, tok, [dict(prompt="a", choices=[" b"], label=0)])
     with pytest.raises(ValueError, match="max_new_tokens=0"):
-        answer(model, tok, "Hi", max_new_tokens=0)
+        task_accuracy(model, tok, [dict(prompt="Hi", response="a")], max_new_tokens=0)
     with pytest.raises(ValueError, match="records is empty"):
         task_accuracy(model, tok, [])
     with pytest.raises(ValueError, match=r"records\[0\]"):
@@ -297,7 +299,7 @@ def test_bad_input_names_the_value(model, tok):
         format_table([dict(benchmark="a", metric="b", value=1.0), dict(value=1.0)])
     no_chat = BPETokenizer().train(TEXT * 5, vocab_size=280, special_tokens=())
     with pytest.raises(ValueError, match=r"no chat token\(s\) <\|user\|>"):
-        answer(tiny(no_chat), no_chat, "Hi")
+        task_accuracy(tiny(no_chat), no_chat, [dict(prompt="Hi", response="a")])
     with pytest.raises(ValueError, match="no <\\|endoftext\\|>"):
         score_choices(tiny(no_chat), no_chat, "", [" a"])
 
@@ -388,3 +390,13 @@ def test_question_items_formats(model, tok):
         assert r["n"] == 1 and r["chance"] == 0.5
     with pytest.raises(ValueError, match="prompt_format='QA'"):
         question_items(tok, [item], "QA")
+
+
+def test_every_function_keeps_its_tensors_where_the_model_is(model, tok):
+    items = [dict(context="It is a truth", choices=[" universally", " fortune"], label=0)]
+    with strict_device():
+        assert len(score_choices(model, tok, "It is a truth", [" universally", " a"])) == 2
+        assert multiple_choice_accuracy(model, tok, items)["n"] == 1
+        assert sliding_window_bpc(model, tok, TEXT * 2, stride=8)["tokens"] > 0
+        assert task_accuracy(model, tok, [dict(prompt="Hi", response="a")], 3)["n"] == 1
+        assert len(completion_sampler(model, tok, max_new_tokens=4)("def f():", 2)) == 2

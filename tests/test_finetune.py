@@ -1,21 +1,35 @@
-"Fine-tuning (minillm.finetune): classification head, instruction batches with the loss mask, LoRA."
+"""Fine-tuning (minillm.finetune): the loop and its helpers, the classification head, instruction
+batches with the loss mask, answering prompts, LoRA; and every function's tensors where the model
+is."""
 
 import copy
+from contextlib import contextmanager
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._device import _device_constructors
 
 from minillm.finetune import (
     Classifier,
     LoRALinear,
+    accuracy_on,
     add_lora,
+    answer_loss,
+    answers,
+    check_positive_int,
+    evaluating,
     finetune,
+    finetune_loop,
     hidden_states,
     lora_layers,
     merge_lora,
     n_trainable,
     pad,
+    predict,
+    scores,
     sft_batch,
+    train_classifier,
     unmerge_lora,
 )
 
@@ -115,3 +129,106 @@ def test_lora_bad_input(model):
         add_lora(model, targets=("nothing",))
     with pytest.raises(ValueError, match="r=0"):
         LoRALinear(torch.nn.Linear(4, 4), r=0)
+
+
+class _DevicelessToMeta(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        made = func in _device_constructors() and not (args and isinstance(args[0], torch.Tensor))
+        if made and kwargs.get("device") is None:
+            kwargs["device"] = "meta"
+        return func(*args, **kwargs)
+
+
+@contextmanager
+def strict_device():
+    """A new tensor made without a device goes to `meta`, while the model stays on the CPU: if the
+    code forgets to make a tensor where the model is, it meets the model's tensors and raises, as it
+    would on a GPU (and a `meta` tensor has no data to read or copy: `.tolist()`, `.item()` and
+    `.to()` raise too). Tensors made with an explicit device, and conversions of tensors, are left
+    alone."""
+    with _DevicelessToMeta():
+        yield
+
+
+def test_every_function_keeps_its_tensors_where_the_model_is(model, tok):
+    recs = [dict(prompt="Which novel?", response="Emma"), dict(prompt="Who?", response="Mr. Darcy")]
+    examples = [dict(text="Mr. Darcy said so.", label=1), dict(text="Emma.", label=0)]
+    clf = Classifier(copy.deepcopy(model), 2)
+    lora = add_lora(copy.deepcopy(model), r=2, train_tokens=list(tok.special_tokens.values()))
+    with strict_device():
+        assert len(train_classifier(clf, tok, examples, steps=2, batch_size=2)) == 2
+        assert len(predict(clf, tok, ["Emma.", "Bath"])) == 2
+        assert len(finetune(model, tok, recs, steps=2, batch_size=2)) == 2
+        assert len(finetune(lora, tok, recs, steps=2, batch_size=2)) == 2
+        assert answer_loss(model, tok, recs) > 0
+        assert len(answers(model, tok, ["Where?", "Whom does Emma marry?"], 3)) == 2
+        assert len(answers(model, tok, ["Where?"], 3, temperature=1.0, decode=False)[0]) <= 3
+        assert 0 <= accuracy_on(model, tok, recs) <= 1
+
+
+def test_finetune_loop_draws_seeded_batches_and_follows_the_schedule():
+    w = torch.nn.Parameter(torch.zeros(1))
+    seen = []
+
+    def batch_loss(batch):
+        seen.append(batch)
+        return ((w - sum(batch)) ** 2).sum()
+
+    losses = finetune_loop([w], list(range(10)), batch_loss, steps=5, batch_size=3, lr=0.1)
+    first = seen[:]
+    seen.clear()
+    finetune_loop([torch.nn.Parameter(torch.zeros(1))], list(range(10)), batch_loss, 5, 3, 0.1)
+    assert len(losses) == 5 and all(len(b) == 3 for b in first) and seen == first  # seeded
+    seen.clear()
+    finetune_loop([torch.nn.Parameter(torch.zeros(1))], list(range(10)), batch_loss, 5, 3, 0.1, 1)
+    assert seen != first
+
+
+def test_evaluating_restores_the_mode_and_turns_off_gradients(model):
+    model.train()
+    with evaluating(model) as device:
+        assert not model.training and not torch.is_grad_enabled() and device.type == "cpu"
+    assert model.training and torch.is_grad_enabled()
+    model.eval()
+    with pytest.raises(RuntimeError), evaluating(model):
+        raise RuntimeError("inside")
+    assert not model.training
+
+
+def test_check_positive_int():
+    assert check_positive_int("n", 3) == 3 and check_positive_int("n", 5, at_most=5) == 5
+    for bad in (0, -1, 2.0, True, "3", None):
+        with pytest.raises(ValueError, match="must be a positive integer"):
+            check_positive_int("n", bad)
+    with pytest.raises(ValueError, match=r"r=9: must be an integer in \[1, 8\]"):
+        check_positive_int("r", 9, at_most=8)
+
+
+def test_answers_are_greedy_batched_and_cropped(model, tok):
+    prompts = ["Where?", "Whom does Emma marry?", "Where?"]
+    replies = answers(model, tok, prompts, max_new_tokens=5)
+    alone = [answers(model, tok, [p], max_new_tokens=5)[0] for p in prompts]
+    assert replies == alone and replies[0] == replies[2]  # batched or alone, the same answers
+    ids = answers(model, tok, prompts, max_new_tokens=5, decode=False)
+    end = tok.special_tokens["<|end|>"]
+    assert all(len(r) <= 5 and (end not in r or r.index(end) == len(r) - 1) for r in ids)
+    assert [tok.decode([t for t in r if t != end]) for r in ids] == replies
+    long = answers(model, tok, ["Emma " * 200], max_new_tokens=5)  # cropped to fit the context
+    assert len(long) == 1
+    for bad in (0, 64, 1.5):
+        with pytest.raises(ValueError, match="max_new_tokens"):
+            answers(model, tok, ["Where?"], max_new_tokens=bad)
+
+
+def test_scores_are_the_classifier_outputs_cropped_to_the_context(model, tok):
+    clf = Classifier(model, 3)
+    seqs = [[5, 6, 7], list(range(10, 90))]  # the second is longer than the context (64)
+    out = scores(clf, seqs, batch_size=1)
+    assert out.shape == (2, 3) and clf.training  # the mode is restored
+    with torch.no_grad():
+        last64 = clf(torch.tensor([seqs[1][-64:]]), torch.tensor([64]))
+    torch.testing.assert_close(out[1:], last64.eval() if False else last64)
+    assert predict(clf, tok, ["Emma."]) == scores(clf, [tok.encode("Emma.")]).argmax(-1).tolist()
+    rm = Classifier(model, 1, zero_head=True)
+    assert torch.equal(scores(rm, seqs), torch.zeros(2, 1))  # a reward model starts at 0

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import warnings
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -135,6 +136,36 @@ def test_kv_cache_gives_the_same_logits(name, idx):
         steps += [model(idx[:, 9:], cache=cache)[0]]
     assert cache[0].pos == 13 and len(cache) == model.config.n_layer
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_one_token_decode_path_matches_the_general_path(name, idx):
+    """A one-token step through the cache in eval mode takes `GPT._decode`; the general path (the
+    same step in training mode, dropout 0) computes the same logits."""
+    torch.manual_seed(0)
+    model = GPT(CONFIGS[name])
+    out = {}
+    for training in (False, True):
+        model.train(training)
+        with torch.no_grad():
+            cache = model.new_cache(batch_size=2)
+            model(idx[:, :7], cache=cache)
+            out[training] = torch.cat([model(idx[:, t : t + 1], cache=cache)[0] for t in (7, 8)], 1)
+    assert out[False].shape == (2, 2, V)
+    torch.testing.assert_close(out[False], out[True], atol=1e-6, rtol=0)
+
+
+def test_dropout_zero_is_skipped_and_draws_no_random_numbers(idx):
+    "With dropout 0 a training-mode forward equals eval mode exactly and leaves the RNG alone."
+    torch.manual_seed(0)
+    model = GPT(CONFIGS["gpt2"])
+    rng = torch.get_rng_state()
+    loss_train = model.train()(idx, idx)[1]
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert torch.equal(loss_train, model.eval()(idx, idx)[1])
+    torch.manual_seed(0)
+    dropped = GPT(GPTConfig(**SMALL, dropout=0.5)).train()
+    assert not torch.equal(dropped(idx)[0], dropped(idx)[0])  # p > 0 in training: masks differ
 
 
 # ---------------------------------------------------------------- counts
@@ -415,13 +446,21 @@ def test_load_hf_refuses_what_it_cannot_represent(hf_dirs, tmp_path, edit, messa
         load_hf(bad)
 
 
-def test_own_checkpoint_mismatch_names_tensor_and_shapes(tmp_path):
-    torch.save(GPT(CONFIGS["gpt2"]).state_dict(), tmp_path / "m.pt")
-    other = GPT(GPTConfig(**SMALL | {"n_embd": 64}))
+def test_own_checkpoint_of_another_shape_is_refused_naming_what_differs(tmp_path):
+    """Our checkpoint loader (`minillm.train.load_checkpoint`, which the chapter uses) refuses a
+    checkpoint of another model before loading anything: by its config when the checkpoint records
+    one, else by the first tensor whose shape differs, with both shapes."""
+    from minillm.train import load_checkpoint, save_checkpoint
+
+    src, other = GPT(CONFIGS["gpt2"]), GPT(GPTConfig(**SMALL | {"n_embd": 64}))
+    opt = torch.optim.AdamW(src.parameters())
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    save_checkpoint(tmp_path / "a", src, opt, {"step": 0, "model_config": asdict(src.config)})
+    with pytest.raises(ValueError, match=r"checkpoint of another model; differs in n_embd=32 "):
+        load_checkpoint(tmp_path / "a", other)
+    save_checkpoint(tmp_path / "b", src, opt, {"step": 0})  # no config recorded: shapes decide
     with pytest.raises(
-        RuntimeError,
-        match=r"size mismatch for wte.weight: copying a param with shape "
-        r"torch.Size\(\[97, 32\]\) from checkpoint, the shape in current model is "
-        r"torch.Size\(\[97, 64\]\)",
+        ValueError, match=r"tensor \S+ has shape \(96,\), the model's is \(192,\)"
     ):
-        other.load_state_dict(torch.load(tmp_path / "m.pt"))
+        load_checkpoint(tmp_path / "b", other)
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())  # untouched

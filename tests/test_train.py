@@ -1,5 +1,5 @@
 """The training loop: exact resume after a kill, NaN handling, checkpoint validation, the schedule,
-the optimizer, bits per character, and the `minillm` command line."""
+the optimizer, bits per character, the pretraining tokens, and the `minillm` command line."""
 
 import json
 import math
@@ -14,7 +14,10 @@ import numpy as np
 import pytest
 import torch
 
+import minillm.train
+from minillm.data import SEPARATOR, CorpusUnavailable, load_corpus, train_val_split
 from minillm.model import GPT, GPTConfig
+from minillm.tokenizer import ENDOFTEXT, CharTokenizer
 from minillm.train import (
     TrainConfig,
     TrainingDiverged,
@@ -26,6 +29,8 @@ from minillm.train import (
     find_checkpoint,
     load_checkpoint,
     lr_at,
+    pretraining_tokens,
+    run_dir,
     save_checkpoint,
     train,
 )
@@ -208,29 +213,31 @@ def test_schedule():
     assert all(lr_at(s, c) >= lr_at(s + 1, c) for s in range(100, 1000))
 
 
-def test_optimizer_matches_torch_adamw():
-    """Our parameter groups + fused AdamW take the same step as torch.optim.AdamW (for-loop) set up
-    by hand."""
-    a, b = tiny_model(dropout=0.0), tiny_model(dropout=0.0)
-    c = cfg()
-    oa = configure_optimizer(a, c)
-    ob = torch.optim.AdamW(
-        [
-            {"params": [p for p in b.parameters() if p.dim() >= 2], "weight_decay": c.weight_decay},
-            {"params": [p for p in b.parameters() if p.dim() < 2], "weight_decay": 0.0},
-        ],
-        lr=c.lr,
-        betas=(c.beta1, c.beta2),
-        foreach=False,
-    )
-    x = torch.as_tensor(TOKENS[:33].astype(np.int64))
-    for _ in range(3):
-        for m, o in ((a, oa), (b, ob)):
-            m(x[None, :-1], x[None, 1:])[1].backward()
-            o.step()
-            o.zero_grad()
-    assert max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters())) < 1e-5
-    assert {g["weight_decay"] for g in oa.param_groups} == {0.0, 0.1}
+def test_configure_optimizer_decays_the_matrices_only():
+    """Our choices, not AdamW's arithmetic: weight decay on every matrix (linear and embedding
+    weights, the tied output matrix once) and on no bias or norm gain; every trainable parameter in
+    exactly one group, a frozen one in none; the config's lr, betas and decay; one fused kernel."""
+    for family in ("gpt2", "llama"):
+        m = tiny_model(dropout=0.0, family=family)
+        frozen = next(p for n, p in m.named_parameters() if n.endswith("c_proj.weight"))
+        frozen.requires_grad_(False)
+        c = cfg(weight_decay=0.05, beta2=0.95)
+        opt = configure_optimizer(m, c)
+        name = {id(p): n for n, p in m.named_parameters()}
+        groups = {g["weight_decay"]: [name[id(p)] for p in g["params"]] for g in opt.param_groups}
+        assert set(groups) == {0.05, 0.0}
+        decayed, plain = groups[0.05], groups[0.0]
+        trainable = [n for n, p in m.named_parameters() if p.requires_grad]
+        assert sorted(decayed + plain) == sorted(trainable)  # each once; the frozen one absent
+        assert name[id(frozen)] not in decayed + plain
+        assert "wte.weight" in decayed and all("ln_" not in n for n in decayed)
+        assert plain and all(n.endswith("bias") or "ln_" in n for n in plain)  # biases, gains
+        if family == "gpt2":  # the output matrix is the embedding's: one parameter, decayed once
+            assert m.lm_head.weight is m.wte.weight and decayed.count("wte.weight") == 1
+        else:
+            assert "lm_head.weight" in decayed
+        assert all(g["lr"] == c.lr and g["betas"] == (c.beta1, 0.95) for g in opt.param_groups)
+        assert opt.defaults["fused"]  # CPU parameters: one fused kernel for all of them
 
 
 def test_bits_per_char_and_evaluate_bpc():
@@ -528,3 +535,27 @@ def test_compiled_training_step_gives_the_same_losses(capsys):
         assert math.isclose(a["val_loss"], b["val_loss"], rel_tol=1e-4), (a, b)
     assert "compile_seconds" not in eager[0] and compiled[0]["compile_seconds"] > 0
     assert "torch.compile: first training step" in capsys.readouterr().err
+
+
+def test_pretraining_tokens_put_the_end_token_between_the_novels(monkeypatch):
+    """The training tokens are the training text with `<|endoftext|>` in place of the separator
+    between two novels (5 of them); the validation text, inside Persuasion, is encoded as it is."""
+    try:
+        train_text, val_text = train_val_split(load_corpus())
+    except CorpusUnavailable as e:
+        pytest.skip(f"corpus not available: {e}")
+    tok = CharTokenizer().train(train_text + val_text)  # fast, and it has the end token
+    eot = tok.special_tokens[ENDOFTEXT]
+    ids, val = pretraining_tokens(tok, "train"), pretraining_tokens(tok, "val")
+    assert (ids == eot).sum() == 5 and (val == eot).sum() == 0
+    assert tok.decode(ids.tolist()).replace(ENDOFTEXT, SEPARATOR) == train_text
+    assert val.tolist() == tok.encode(val_text)
+    assert len(ids) == len(train_text) - 5 * len(SEPARATOR) + 5  # one token per char, 5 ends
+    with pytest.raises(ValueError, match="split"):
+        pretraining_tokens(tok, "test")
+    with pytest.raises(ValueError, match="endoftext"):
+        pretraining_tokens(CharTokenizer().train(train_text, special_tokens=()), "train")
+    # other training data, another run directory: a cached model of the old data is not reused
+    before = run_dir("austen-tiny")
+    monkeypatch.setattr(minillm.train, "DATA_VERSION", minillm.train.DATA_VERSION + 1)
+    assert run_dir("austen-tiny") != before

@@ -77,6 +77,7 @@ import base64
 import concurrent.futures
 import datetime
 import functools
+import hashlib
 import html
 import json
 import os
@@ -86,10 +87,14 @@ import string
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote
+
+import pandocfilters as pf
+from pandocfilters import Div, Link, Plain, RawBlock, RawInline, Space, Span, Str, stringify
 
 TEMPLATES = Path(__file__).resolve().parent / "book"
 CALLOUTS = {
@@ -99,53 +104,17 @@ CALLOUTS = {
     "important": "Important",
     "caution": "Caution",
 }
-CROSSREF_PREFIXES = (
-    "sec",
-    "fig",
-    "tbl",
-    "eq",
-    "lst",
-    "thm",
-    "lem",
-    "cor",
-    "prp",
-    "cnj",
-    "def",
-    "exm",
-    "exr",
-    "nte",
-    "tip",
-    "wrn",
-    "imp",
-    "cau",
-)
+# Quarto's cross-reference prefixes: `@tbl-x` is a reference (only @sec- and @fig- are supported).
+CROSSREF_PREFIXES = "sec fig tbl eq lst thm lem cor prp cnj def exm exr nte tip wrn imp cau".split()
 # Which output a cell shows of the mime types it stored, best first. The PDF cannot show HTML,
-# except a table
-# (pandas), which pandoc turns into a Typst table. A cell with a figure label prefers its image in
-# both formats.
+# except a table (pandas), which pandoc turns into a Typst table. A cell with a figure label prefers
+# its image in both formats.
 SHOW = {
-    "html": [
-        "text/html",
-        "text/markdown",
-        "image/svg+xml",
-        "image/png",
-        "image/jpeg",
-        "text/latex",
-        "text/plain",
-    ],
-    "typst": [
-        "text/markdown",
-        "image/svg+xml",
-        "image/png",
-        "image/jpeg",
-        "text/html",
-        "text/latex",
-        "text/plain",
-    ],
+    "html": "text/html text/markdown image/svg+xml image/png image/jpeg text/plain".split(),
+    "typst": "text/markdown image/svg+xml image/png image/jpeg text/html text/plain".split(),
 }
 IMAGES = {"image/svg+xml": "svg", "image/png": "png", "image/jpeg": "jpg"}
 
-DIRECTIVE = re.compile(r"^\s*#\|\s?(.*)$")  # `#| key: value` (Quarto) or `#| export` (nbdev)
 NBVAL_MARKER = re.compile(r"^\s*#\s*NBVAL_[A-Z_]+\s*$")  # nbval's test markers
 ANSI = re.compile(
     r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[()][A-Za-z0-9]|\x1b[=>]"
@@ -191,6 +160,8 @@ class Chapter:
     description: str = ""  # the `> ...` line under the title
     sections: list = field(default_factory=list)  # (id, number, title) of its `##` headings
     ids: set = field(default_factory=set)  # every id in the chapter
+    cites: list = field(default_factory=list)  # (Cite node's content, cell) of every citation
+    problems: list = field(default_factory=list)  # what the prose checks found
 
     @property
     def stem(self):
@@ -339,42 +310,32 @@ def cell_text(value):
     return "".join(value) if isinstance(value, list) else (value or "")
 
 
-def parse_directives(lines):
-    """The options of `#|` lines: Quarto's YAML (`#| fig-cap: ...`) or nbdev's words (`#| export`,
-    `#| default_exp x`)."""
+def cell_options(cell):
+    """(options, source) of a cell, read by nbdev's notebook reader (fastcore.nbio): its leading
+    `#|` lines are nbdev's directives (`#| export`, `#| default_exp data`) and Quarto's options,
+    which are YAML (`#| fig-cap: >-` and the caption on the next `#|` lines: nbdev reads each line
+    alone, so where the lines are YAML, YAML reads them). nbval's `# NBVAL_*` markers are removed
+    first (a label may follow one)."""
+    from fastcore.nbio import NbCell
+
     yaml = need("yaml", "pyyaml")
+    source = "".join(l for l in cell.source.splitlines(True) if not NBVAL_MARKER.match(l))
+    cell = NbCell(cell.idx_, {**cell, "source": source})
+    dirs, body = cell._partition()
     try:
-        opts = yaml.safe_load("\n".join(lines))
-        if isinstance(opts, dict):
-            return opts
+        opts = yaml.safe_load("".join(re.sub(r"^\s*#\|\s?", "", d) for d in dirs))
     except yaml.YAMLError:
-        pass
-    opts = {}
-    for line in lines:  # one at a time; a value YAML cannot read (`*Emma* ...`) is kept as written
-        m = re.match(r"([\w-]+)\s*:\s*(.*)$", line.strip())
-        if m:
-            try:
-                value = yaml.safe_load(m[2]) if m[2] else True
-            except yaml.YAMLError:
-                value = m[2].strip()
-            opts[m[1]] = True if value is None else value
-        elif line.strip():
-            word, _, rest = line.strip().partition(" ")
-            opts[word] = rest.strip() or True
-    return opts
+        opts = None
+    if not isinstance(opts, dict):  # nbdev's words, a value YAML cannot read (`*Emma* ...`)
+        opts = {k: yaml_value(v) if v else True for k, v in cell.directives.items()}
+    return opts, "".join(body).strip("\n")
 
 
-def split_cell(source, code):
-    """(options, lines): a code cell loses every `#|` line and NBVAL marker; a markdown cell its
-    leading `#|` lines."""
-    directives, lines = [], []
-    for line in source.splitlines():
-        m = DIRECTIVE.match(line)
-        if m and (code or not lines):
-            directives.append(m[1])
-        elif not (code and NBVAL_MARKER.match(line)):
-            lines.append(line)
-    return parse_directives(directives), lines
+def yaml_value(text):
+    try:
+        return need("yaml", "pyyaml").safe_load(text)
+    except Exception:
+        return text
 
 
 def plain_text(text):
@@ -404,12 +365,7 @@ def cell_label(cells, i):
 
 def default_exp(cells):
     "The module a notebook exports to (`#| default_exp data`), or None."
-    for cell in cells:
-        if cell.get("cell_type") == "code":
-            opts, _ = split_cell(cell_text(cell.get("source")), code=True)
-            if opts.get("default_exp"):
-                return str(opts["default_exp"])
-    return None
+    return next((c.directive("default_exp") for c in cells if c.directive("default_exp")), None)
 
 
 def module_note(text, module, lib):
@@ -441,63 +397,63 @@ def check_summary(code):
 def notebook_markdown(ch, media: Path, lib=""):
     """The chapter as pandoc markdown, and the HTML outputs that the PDF shows as tables
     (placeholders in the text)."""
-    try:
-        nb = json.loads(ch.path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise BookError(f"{ch.src}: not a valid notebook (invalid JSON: {e})") from None
-    if not isinstance(nb, dict) or not isinstance(nb.get("cells"), list):
-        raise BookError(f"{ch.src}: not a notebook (no list of cells)")
-    meta = nb.get("metadata") or {}
-    lang = (
-        (meta.get("kernelspec") or {}).get("language")
-        or (meta.get("language_info") or {}).get("name")
-        or "python"
-    )
+    from fastcore.nbio import dict2nb  # nbdev's notebook reader
+
+    nb = read_notebook(ch.path, ch.src)
+    lang = (nb.get("metadata") or {}).get("kernelspec", {}).get("language") or "python"
+    nb = dict2nb(nb)
     chunks, tables = [], []
-    module = default_exp(nb["cells"])
-    for i, cell in enumerate(nb["cells"]):
-        kind, source = cell.get("cell_type"), cell_text(cell.get("source"))
-        if kind == "raw":  # nbdev/Quarto front matter: its title becomes the chapter title
-            md = front_matter_markdown(source)
-        elif kind in ("markdown", "code"):
-            opts, lines = split_cell(source, code=kind == "code")
-            if opts.get("include") is False or opts.get("hide"):
-                continue
-            if kind == "markdown":
-                md = attachments(cell, "\n".join(lines).strip("\n"), media, i)
-                for tex in MATH_SPAN.findall(md):  # before pandoc, which turns tabs into spaces
-                    if CONTROL.search(tex):
-                        warn(f"{ch.src} (cell {cell_label(nb['cells'], i)}): {math_control(tex)}")
-                if opts.get("export") and md.strip():  # nbdev's module docstring
-                    md = module_note(md, module, lib)
-            else:
-                where = f"{ch.src} (cell {cell_label(nb['cells'], i)})"
-                md = code_cell_markdown(cell, i, where, opts, lines, lang, media, tables)
-        else:
+    module = default_exp(nb.cells)
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type not in ("markdown", "code"):
             continue
+        opts, source = cell_options(cell)
+        if opts.get("include") is False or opts.get("hide"):
+            continue
+        where = f"{ch.src} (cell {cell_label(nb.cells, i)})"
+        if cell.cell_type == "markdown":
+            md = source
+            for tex in MATH_SPAN.findall(md):  # before pandoc, which turns tabs into spaces
+                if CONTROL.search(tex):
+                    warn(f"{where}: {math_control(tex)}")
+            if opts.get("export") and md.strip():  # nbdev's module docstring
+                md = module_note(md, module, lib)
+        else:
+            md = code_cell_markdown(cell, i, where, opts, source, lang, media, tables)
         if md.strip():
-            chunks.append(f"```{{={CELL_MARK}}}\n{cell_label(nb['cells'], i)}\n```\n\n{md}")
+            chunks.append(f"```{{={CELL_MARK}}}\n{cell_label(nb.cells, i)}\n```\n\n{md}")
     return "\n\n".join(chunks) + "\n", tables
 
 
-def front_matter_markdown(source):
-    m = re.match(r"\s*---\n(.*?)\n---\s*$", source, re.S)
-    meta = need("yaml", "pyyaml").safe_load(m[1]) if m else None
-    if not isinstance(meta, dict) or not meta.get("title"):
-        return ""
-    return f"# {meta['title']}" + (
-        f"\n\n> {meta['description']}" if meta.get("description") else ""
-    )
+def read_notebook(path: Path, name):
+    "The notebook's JSON; invalid JSON is one line naming the file and the position."
+    try:
+        nb = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise BookError(
+            f"{name}: not a valid notebook (invalid JSON at line {e.lineno} column {e.colno}: "
+            f"{e.msg})"
+        ) from None
+    except UnicodeDecodeError as e:
+        raise BookError(f"{name}: not a valid notebook (not UTF-8: {e.reason})") from None
+    if not isinstance(nb, dict) or not isinstance(nb.get("cells"), list):
+        raise BookError(f"{name}: not a notebook (no list of cells)")
+    return nb
 
 
-def attachments(cell, text, media, i):
-    "Write a markdown cell's attached images to media/ and point `attachment:name` at them."
-    for name, data in (cell.get("attachments") or {}).items():
-        mime = next((m for m in data if m.startswith("image/")), None)
-        if mime:
-            path = write_media(media, f"cell{i}-{Path(name).name}", data[mime], mime)
-            text = text.replace(f"attachment:{name}", path)
-    return text
+def check_notebooks(project: Path):
+    """Every notebook of the project (nbdev's nbs_path, and the chapters) is valid JSON: run before
+    nbdev-export, whose traceback for a broken notebook never names the file."""
+    import tomllib
+
+    try:
+        cfg = tomllib.loads((project / "pyproject.toml").read_text(encoding="utf-8"))
+        nbs = (cfg.get("tool") or {}).get("nbdev", {}).get("nbs_path") or "nbs"
+    except (OSError, ValueError):
+        nbs = "nbs"
+    for path in sorted((project / nbs).rglob("*.ipynb")):
+        if ".ipynb_checkpoints" not in path.parts:
+            read_notebook(path, os.path.relpath(path, project))
 
 
 def write_media(media: Path, name, data, mime):
@@ -510,9 +466,8 @@ def write_media(media: Path, name, data, mime):
     return f"{media.parent.name}/{media.name}/{name}"
 
 
-def code_cell_markdown(cell, i, where, opts, lines, lang, media, tables):
+def code_cell_markdown(cell, i, where, opts, code, lang, media, tables):
     out = []
-    code = "\n".join(lines).strip("\n")
     if code.strip() and opts.get("echo", True) is not False:
         block = fenced(code, f"{{.{lang} .cell-code}}")
         summary = check_summary(code) if lang == "python" else None
@@ -527,11 +482,7 @@ def code_cell_markdown(cell, i, where, opts, lines, lang, media, tables):
 
 def outputs_markdown(cell, i, where, opts, media, tables):
     label = str(opts.get("label") or "")
-    figure = (
-        {"id": label, "cap": str(opts.get("fig-cap") or ""), "alt": str(opts.get("fig-alt") or "")}
-        if label.startswith("fig-")
-        else None
-    )
+    figure = {"id": label, "cap": str(opts.get("fig-cap") or "")} if label[:4] == "fig-" else None
     outputs = []
     for o in cell.get("outputs") or []:  # a stream printed in several pieces is one output
         if (
@@ -551,11 +502,7 @@ def outputs_markdown(cell, i, where, opts, media, tables):
         kind = o.get("output_type")
         if kind == "stream":
             text = plain_text(o.get("text")).rstrip("\n")
-            if not text.strip() or (o.get("name") == "stderr" and opts.get("warning") is False):
-                continue
-            if opts.get("output") == "asis":
-                out.append(text)
-            else:
+            if text.strip():
                 name = "stderr" if o.get("name") == "stderr" else "stdout"
                 out.append(div(f"cell-output cell-output-{name}", fenced(text, "{." + name + "}")))
         elif kind == "error":
@@ -622,12 +569,7 @@ def display_markdown(data, mime, fmt, name, media, tables, figure, opts):
         path = write_media(media, f"{name}.{IMAGES[mime]}", data[mime], mime)
         if figure and not figure.get("used"):  # the cell's figure: its first image (no sub-figures)
             figure["used"] = True
-            alt = (
-                ' fig-alt="%s"' % figure["alt"].replace("\\", "\\\\").replace('"', '\\"')
-                if figure["alt"]
-                else ""
-            )
-            return f"![{' '.join(figure['cap'].split())}]({path}){{#{figure['id']}{alt}}}"
+            return f"![{' '.join(figure['cap'].split())}]({path}){{#{figure['id']}}}"
         return f"![]({path})"
     if mime == "text/html" and "<table" in value:
         # a DataFrame: in both formats the table pandoc reads out of the HTML (see parse_chapter)
@@ -638,21 +580,14 @@ def display_markdown(data, mime, fmt, name, media, tables, figure, opts):
         return div("cell-output cell-output-display", fenced(value.strip("\n"), "{=html}"))
     if mime == "text/markdown":  # its tables are tidied like a DataFrame's (see `tidy_table`)
         return div("cell-output cell-output-display cell-output-markdown", value)
-    if mime == "text/latex" or opts.get("output") == "asis":
-        return value
     return div(
         "cell-output cell-output-display", fenced(plain_text(value).rstrip("\n"), "{.stdout}")
     )
 
 
 def markdown_chapter(ch):
-    """A .qmd/.md chapter: its text, with front matter's title as the heading and ```{python} chunks
-    as plain code."""
-    text = re.sub(r"^[ \t]*#\|.*\n", "", ch.path.read_text(encoding="utf-8"), flags=re.M)
-    m = re.match(r"---\n(.*?)\n---\n", text, re.S)
-    if m:
-        text = front_matter_markdown(m[0]) + "\n\n" + text[m.end() :]
-    return re.sub(r"^(\s*```+)\s*\{(\w+)[^}]*\}", r"\1{.\2 .cell-code}", text, flags=re.M)
+    "A .qmd/.md chapter (the references chapter): read as pandoc markdown, its code not run."
+    return ch.path.read_text(encoding="utf-8")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -664,8 +599,19 @@ def pandoc_path():
     return need("pypandoc", "pypandoc-binary").get_pandoc_path()
 
 
-def pandoc(text, src, dst, where, *args):
+def pandoc(text, src, dst, where, *args, cache=False):
+    """pandoc's conversion of `text`. With `cache`, the result is kept in cache_dir()/ast, named by
+    a hash of pandoc, the conversion and the text: a chapter that did not change since the last
+    build is not parsed again (every chapter is read on every build, for the cross-references)."""
     cmd = [pandoc_path(), "-f", src, "-t", dst, *args]
+    if cache:
+        key = hashlib.sha256(json.dumps([pandoc_version(), cmd[1:], text]).encode()).hexdigest()
+        path = cache_dir() / "ast" / f"{key}.{dst}"
+        USED.add(path)
+        try:
+            return path.read_text(encoding="utf-8")
+        except OSError:
+            pass
     try:
         r = subprocess.run(cmd, input=text.encode("utf-8"), capture_output=True)
     except OSError as e:
@@ -677,116 +623,84 @@ def pandoc(text, src, dst, where, *args):
             f"{where}: pandoc ({src} -> {dst}) failed: "
             + r.stderr.decode("utf-8", "replace").strip()
         )
+    if cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        part = path.with_suffix(f".{os.getpid()}-{threading.get_ident()}")
+        part.write_bytes(r.stdout)
+        os.replace(part, path)  # whole or not at all
     return r.stdout.decode("utf-8")
 
 
+USED = set()  # the cache files of this build: the others are removed at its end (`prune_cache`)
+
+
+@functools.lru_cache(maxsize=None)
+def pandoc_version():
+    return subprocess.run([pandoc_path(), "--version"], capture_output=True, text=True).stdout
+
+
+def prune_cache():
+    "Remove the cached conversions this build did not use (chapters as they were before an edit)."
+    for f in (cache_dir() / "ast").glob("*"):
+        if f not in USED and time.time() - f.stat().st_mtime > 60:
+            f.unlink(missing_ok=True)
+
+
+SPLIT = "minillm-chapter-split"
+
+
+def write_all(asts, fmt, api_version, listings=()):
+    """The chapters' ASTs written in `fmt` ("html" or "typst") by one pandoc call (its highlighter
+    takes half a second to set up, per call), and split back into one text per chapter. In Typst,
+    the `// minillm-listing N` lines that `resolve` left become the highlighted `listings`."""
+    mark = f"<!--{SPLIT}-->" if fmt == "html" else f"// {SPLIT}"
+    blocks = [b for ast in asts for b in [raw(fmt, mark)] + ast]
+    if fmt == "typst":
+        blocks = sticky_intros(blocks)
+    doc = json.dumps({"pandoc-api-version": api_version, "meta": {}, "blocks": blocks})
+    args = ["--mathml", "--wrap=none", "--reference-location=block"]
+    if fmt == "html":
+        return pandoc(doc, "json", fmt, "the book", *args).split(mark + "\n")[1:]
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # two pandoc processes at once
+        calls = pool.submit(typst_listings, listings, api_version)
+        out = pandoc(doc, "json", fmt, "the book", "--wrap=preserve")
+        out = typst_symbols(LISTING.sub(lambda m: calls.result()[int(m[1])], out))
+    return out.split(mark + "\n")[1:]
+
+
+LISTING = re.compile(r"^// minillm-listing (\d+)$", re.M)
+
+
+def typst_listings(listings, api_version):
+    """The PDF's Python listings (CodeBlock contents) highlighted by pandoc (skylighting), as
+    book.typ's `Skylighting` sets them: Typst's own highlighting of raw blocks takes many times
+    longer. Only these: pandoc would also turn inline code and outputs into `NormalTok` calls."""
+    mark = RawBlock("typst", f"// {SPLIT}")
+    code = [b for c in listings for b in ({"t": "CodeBlock", "c": c}, mark)]
+    doc = json.dumps({"pandoc-api-version": api_version, "meta": {}, "blocks": code})
+    typst = pandoc(doc, "json", "typst", "the listings", "--syntax-highlighting=pygments")
+    return [call.strip() for call in typst.split(f"// {SPLIT}\n")]
+
+
 def walk(x, fn):
-    """A copy of the AST `x`, built children first: `fn(node)` sees each node (a dict with "t"), in
-    document order,
-    with its children already done, and returns None (keep it), a node (replace it) or a list of
-    nodes (splice)."""
-    if isinstance(x, dict):
-        return {k: walk(v, fn) for k, v in x.items()}
-    if not isinstance(x, list):
-        return x
-    out = []
-    for item in x:
-        item = walk(item, fn)
-        r = fn(item) if isinstance(item, dict) and "t" in item else None
-        if isinstance(r, list):
-            out.extend(r)
-        else:
-            out.append(item if r is None else r)
-    return out
-
-
-def walk_nodes(x, kind):
-    "Every node of type `kind` in `x` (top-down)."
-    if isinstance(x, list):
-        for item in x:
-            yield from walk_nodes(item, kind)
-    elif isinstance(x, dict):
-        if x.get("t") == kind:
-            yield x
-        yield from walk_nodes(x.get("c"), kind)
-
-
-def stringify(x):
-    "The plain text of AST inlines or blocks."
-    if isinstance(x, list):
-        return "".join(stringify(i) for i in x)
-    if not isinstance(x, dict):
-        return ""
-    t, c = x.get("t"), x.get("c")
-    if t == "Str":
-        return c
-    if t in ("Space", "SoftBreak", "LineBreak"):
-        return " "
-    if t in ("Code", "Math"):
-        return c[1]
-    if t == "Quoted":
-        return ("“%s”" if c[0]["t"] == "DoubleQuote" else "‘%s’") % stringify(c[1])
-    if t in ("Link", "Image", "Span", "Cite", "Div"):
-        return stringify(c[1])
-    if t == "Header":
-        return stringify(c[2])
-    if t in ("Para", "Plain"):
-        return stringify(c) + " "
-    if t in (
-        "Emph",
-        "Strong",
-        "Underline",
-        "Strikeout",
-        "Superscript",
-        "Subscript",
-        "SmallCaps",
-        "BlockQuote",
-    ):
-        return stringify(c)
-    return ""  # raw content, notes, code blocks
-
-
-def Str(s):
-    return {"t": "Str", "c": s}
-
-
-def Space():
-    return {"t": "Space"}
-
-
-def Plain(inlines):
-    return {"t": "Plain", "c": inlines}
-
-
-def Div(ident, classes, blocks):
-    return {"t": "Div", "c": [[ident, list(classes), []], blocks]}
-
-
-def Link(inlines, url):
-    return {"t": "Link", "c": [["", [], []], inlines, [url, ""]]}
+    """pandocfilters' walk with `fn(t, c, ...)`: it returns None (keep the node), a node or a list
+    of nodes (splice); `c` is the node's own content, so `fn` may also change it in place.
+    Top-down: what `fn` returns is walked into, but not passed to `fn` itself."""
+    return pf.walk(x, fn, "", {})
 
 
 def raw(fmt, text, block=True):
-    return {"t": "RawBlock" if block else "RawInline", "c": [fmt, text]}
+    return (RawBlock if block else RawInline)(fmt, text)
 
 
-ATTR = {
-    "Header": 1,
-    "Div": 0,
-    "Span": 0,
-    "CodeBlock": 0,
-    "Code": 0,
-    "Figure": 0,
-    "Table": 0,
-    "Image": 0,
-    "Link": 0,
-}
+ATTR = {"Header": 1, "Div": 0, "Span": 0, "CodeBlock": 0, "Code": 0, "Figure": 0, "Table": 0}
+ATTR.update(Image=0, Link=0)
 
 
-def attr(node):
+def attr(t, c):
     "The [id, classes, key-values] of a node that has one, else None."
-    pos = ATTR.get(node.get("t"))
-    return node["c"][pos] if pos is not None else None
+    pos = ATTR.get(t)
+    return c[pos] if pos is not None else None
 
 
 def parse_chapter(ch, tmp: Path, lib=""):
@@ -796,33 +710,32 @@ def parse_chapter(ch, tmp: Path, lib=""):
     else:
         md, tables = markdown_chapter(ch), []
     try:
-        doc = json.loads(pandoc(md, "markdown", "json", ch.src))
+        doc = json.loads(pandoc(md, "markdown", "json", ch.src, cache=True))
     except BookError:  # find the cell pandoc cannot read
         for chunk in md.split(f"```{{={CELL_MARK}}}\n")[1:]:
             cell, _, text = chunk.partition("\n```\n")
             pandoc(text, "markdown", "json", f"{ch.src} (cell {cell})")
         raise
     parsed = [
-        json.loads(pandoc(t, "html", "json", f"{ch.src}: an HTML output"))["blocks"] for t in tables
+        json.loads(pandoc(t, "html", "json", f"{ch.src}: an HTML output", cache=True))["blocks"]
+        for t in tables
     ]
 
-    def fill(node):
-        if node["t"] == "Div" and "html-table" in node["c"][0][1]:
-            node["c"][1] = parsed[int(dict(node["c"][0][2])["index"])]
-            node["c"][0][1].remove("html-table")
-            node["c"][0][2] = []
-        if node["t"] == "Div" and "cell-output-display" in node["c"][0][1]:
-            return walk(node, lambda n: tidy_table(n) if n["t"] == "Table" else None)
-
-    ch.blocks = walk(walk(doc["blocks"], fill), left_aligned)
-
-    missing, cell = [], [None]
-
-    def local_image(node):  # an image file next to the notebook: copy it into media/
-        if node["t"] == "RawBlock" and node["c"][0] == CELL_MARK:
-            cell[0] = node["c"][1]
-        if node["t"] == "Image":
-            url = node["c"][2][0]
+    def fill(t, c, *_):
+        if t == "Div" and "html-table" in c[0][1]:
+            c[1] = parsed[int(dict(c[0][2])["index"])]
+            c[0][1].remove("html-table")
+            c[0][2] = []
+        if t == "Div" and "cell-output-display" in c[0][1]:
+            walk(c, lambda t, c, *_: tidy_table(c) if t == "Table" else None)
+        elif t == "Table":
+            left_aligned(c)
+        if t == "RawBlock" and c[0] == CELL_MARK:
+            cell[0] = c[1]
+        if t == "Cite":
+            ch.cites.append((c, cell[0]))
+        if t == "Image":  # an image file next to the notebook: copy it into media/
+            url = c[2][0]
             if re.match(r"^[a-z][a-z0-9+.-]*:|^/", url, re.I) or (tmp / url).is_file():
                 return
             if not (ch.path.parent / unquote(url)).is_file():
@@ -831,9 +744,11 @@ def parse_chapter(ch, tmp: Path, lib=""):
             dst = tmp / "media" / ch.stem / unquote(url).replace("/", "_").replace("..", "_")
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(ch.path.parent / unquote(url), dst)
-            node["c"][2][0] = f"media/{ch.stem}/{dst.name}"
+            c[2][0] = f"media/{ch.stem}/{dst.name}"
 
-    ch.blocks = walk(ch.blocks, local_image)
+    missing, cell = [], [None]
+    ch.blocks = doc["blocks"]
+    walk(ch.blocks, fill)  # in place
     if missing:
         raise BookError("\n".join(missing))
     return doc["pandoc-api-version"]
@@ -843,25 +758,20 @@ MISSING = {"", "nan", "NaN", "None", "<NA>", "NaT", "null", "—"}
 NUMBER = re.compile(r"^[-+−]?(\d{1,3}(,\d{3})+|\d*)(\.\d+)?([eE][-+]?\d+)?\s?%?$|^[-+−]?inf$")
 
 
-def left_aligned(node):
+def left_aligned(c):
     """A table column that does not say how to align is left-aligned, as in the HTML (pandoc's
     Typst centres the table, and a column that does not say would inherit that)."""
-    if node["t"] == "Table":
-        for spec in node["c"][2]:
-            if spec[0]["t"] == "AlignDefault":
-                spec[0] = {"t": "AlignLeft"}
+    for spec in c[2]:
+        if spec[0]["t"] == "AlignDefault":
+            spec[0] = {"t": "AlignLeft"}
 
 
-def tidy_table(node):
+def tidy_table(c):
     """A table a cell printed (a DataFrame, a Markdown pipe table): missing values shown as "—";
     columns whose values are all numbers right-aligned, the others left-aligned (where the table
     does not say); every column as wide as its content needs."""
-    _, _, colspecs, head, bodies, foot = node["c"]
-
-    def rows(part_rows):
-        return [row[1] for row in part_rows]
-
-    body_rows = [r for b in bodies for r in rows(b[2]) + rows(b[3])]
+    _, _, colspecs, head, bodies, foot = c
+    body_rows = [row[1] for b in bodies for row in b[2] + b[3]]
     for cells in body_rows:
         for cell in cells:
             if stringify(cell[4]).strip() in MISSING:
@@ -875,10 +785,9 @@ def tidy_table(node):
         # A Markdown table built in code has equal dashes in its |---| line, which pandoc reads as
         # equal column widths where a row is long: names wrap beside half-empty number columns.
         spec[1] = {"t": "ColWidthDefault"}
-    for cells in body_rows + rows(head[1]) + rows(foot[1]):
+    for cells in body_rows + [row[1] for row in head[1] + foot[1]]:
         for cell in cells:
             cell[1] = {"t": "AlignDefault"}  # the column's alignment
-    return node
 
 
 # --------------------------------------------------------------------------------------------------
@@ -906,40 +815,33 @@ def collect_citations(ch, keys, book: Book, problems):
     """The chapter's citations (its Cite nodes that are not cross-references), in order, each with
     the cross-references cited with it in one [...] (or None); an unknown key is a problem naming
     the cell."""
-    found, where = [], {"cell": None}
-
-    def visit(node):
-        if node["t"] == "RawBlock" and node["c"][0] == CELL_MARK:
-            where["cell"] = node["c"][1]
-        elif node["t"] == "Cite":
-            ids = [c["citationId"] for c in node["c"][0]]
-            refs = [k for k in ids if is_crossref(k)]
-            unknown = [k for k in ids if k not in keys and not is_crossref(k)]
-            if unknown:
-                names = ", ".join(p.name for p in book.bibliography)
-                problems.append(
-                    f"{at(ch, where['cell'])}: unknown citation key "
-                    + ", ".join("@" + k for k in unknown)
-                    + (f" (not in {names})" if names else " (_quarto.yml names no bibliography)")
-                    + "; write \\@ for a literal @"
-                )
-            elif refs and len(refs) < len(ids):  # [@paper; @sec-x]: "(Paper 2019; Chapter 8)"
-                cited = [c for c in node["c"][0] if not is_crossref(c["citationId"])]
-                tail = {"t": "Cite", "c": [[c for c in node["c"][0] if c not in cited], []]}
-                node = {"t": "Cite", "c": [cited, node["c"][1]]}
-                found.append((node, tail))
-                return node
-            elif not refs:
-                found.append((node, None))
-
-    ch.blocks = walk(ch.blocks, visit)
+    found = []
+    for c, cell in ch.cites:  # changed in place: cite_book fills in the Cite nodes found
+        ids = [x["citationId"] for x in c[0]]
+        refs = [k for k in ids if is_crossref(k)]
+        unknown = [k for k in ids if k not in keys and not is_crossref(k)]
+        if unknown:
+            names = ", ".join(p.name for p in book.bibliography)
+            problems.append(
+                f"{at(ch, cell)}: unknown citation key "
+                + ", ".join("@" + k for k in unknown)
+                + (f" (not in {names})" if names else " (_quarto.yml names no bibliography)")
+                + "; write \\@ for a literal @"
+            )
+        elif refs and len(refs) < len(ids):  # [@paper; @sec-x]: "(Paper 2019; Chapter 8)"
+            tail = {"t": "Cite", "c": [[x for x in c[0] if is_crossref(x["citationId"])], []]}
+            c[0][:] = [x for x in c[0] if not is_crossref(x["citationId"])]
+            found.append((c, tail))
+        elif not refs:
+            found.append((c, None))
     return found
 
 
 def cite_book(book: Book, cites, api_version):
     """Format every citation of the book in one citeproc run (so that "Touvron et al. 2023a" and
     the bibliography agree across chapters); returns the bibliography, a Div#refs."""
-    blocks = [{"t": "Para", "c": [c]} for c, _ in cites] + [Div("refs", [], [])]
+    blocks = [{"t": "Para", "c": [{"t": "Cite", "c": c}]} for c, _ in cites]
+    blocks.append(Div(["refs", [], []], []))
     doc = {
         "pandoc-api-version": api_version,
         "meta": {"link-citations": {"t": "MetaBool", "c": True}},
@@ -960,7 +862,7 @@ def cite_book(book: Book, cites, api_version):
             if close:
                 content[-1]["c"] = content[-1]["c"][:-1]
             content += [Str(";"), Space(), tail] + ([Str(")")] if close else [])
-        cite["c"][1] = content
+        cite[1] = content
     return out[-1]
 
 
@@ -976,8 +878,8 @@ def add_references(book: Book, refs):
         book.chapters.append(ch)
     filled = []
 
-    def fill(node):
-        if node["t"] == "Div" and node["c"][0][0] == "refs":
+    def fill(t, c, *_):
+        if t == "Div" and c[0][0] == "refs":
             filled.append(True)
             return refs
 
@@ -1012,12 +914,12 @@ class Target:
         return f"{name[self.kind]}\u00a0{self.number}"
 
 
-def callout(node):
+def callout(t, c, *_):
     """::: {.callout-KIND} with a `## Title` or title="..." -> Div.callout > Div.callout-title +
     Div.callout-body."""
-    if node["t"] != "Div":
+    if t != "Div":
         return None
-    (ident, classes, kv), body = node["c"]
+    (ident, classes, kv), body = c
     kind = next((c[8:] for c in classes if c.startswith("callout-") and c[8:] in CALLOUTS), None)
     if kind is None or "callout" in classes:
         return None
@@ -1025,37 +927,39 @@ def callout(node):
     if title is None and body and body[0]["t"] == "Header":
         title, body = body[0]["c"][2], body[1:]
     title = title or [Str(CALLOUTS[kind])]
-    return Div(
-        ident,
-        ["callout", f"callout-{kind}"] + [c for c in classes if c != f"callout-{kind}"],
-        [Div("", ["callout-title"], [Plain(title)]), Div("", ["callout-body"], body)],
-    )
+    classes = ["callout", f"callout-{kind}"] + [c for c in classes if c != f"callout-{kind}"]
+    parts = [
+        Div(["", ["callout-title"], []], [Plain(title)]),
+        Div(["", ["callout-body"], []], body),
+    ]
+    return Div([ident, classes, []], parts)
 
 
 def number_chapter(ch, number, book: Book, labels: dict):
     """Number the chapter's headings and figures (in the AST, for both formats) and record their
     labels."""
     ch.number = number
-    ch.blocks = walk(ch.blocks, callout)
     where = {"cell": None}
     counters, figures, problems = [0] * 8, [0], []
 
-    def visit(node):
-        t = node["t"]
-        a = attr(node)
+    def visit(t, c, *_):
+        a = attr(t, c)
         if a and a[0]:
             ch.ids.add(a[0])
-        if t == "RawBlock" and node["c"][0] == CELL_MARK:
-            where["cell"] = node["c"][1]
+        if t in ("Para", "Plain", "Header"):  # the prose checks (`text_problems`)
+            ch.problems += text_problems(at(ch, where["cell"]), prose_text(c))
+        if t == "RawBlock" and c[0] == CELL_MARK:
+            where["cell"] = c[1]
+        elif t == "Div":
+            return callout(t, c)
         elif t == "Header":
-            level, (ident, classes, kv), inlines = node["c"]
+            level, (ident, classes, kv), inlines = c
             title = stringify(inlines).strip()
             if level == 1:
                 if ch.title:
                     problems.append(
-                        f"{at(ch, where['cell'])}: a second level-1 heading `# {title}`: "
-                        "a chapter has "
-                        f"one `# Title`; its sections are `## ...`"
+                        f"{at(ch, where['cell'])}: a second level-1 heading `# {title}`: a "
+                        "chapter has one `# Title`; its sections are `## ...`"
                     )
                 else:
                     ch.title, ch.anchor = title, ident
@@ -1073,21 +977,17 @@ def number_chapter(ch, number, book: Book, labels: dict):
                 kv.append(["number", num])
             if ident.startswith("sec-"):
                 register(labels, ident, Target(ch, kind, num, title), ch, where["cell"])
-        elif (
-            t in ("Para", "Plain")
-            and len(node["c"]) == 1
-            and node["c"][0]["t"] == "Image"
-            and node["c"][0]["c"][0][0].startswith("fig-")
-        ):  # a labelled image without a caption
-            image = node["c"][0]
-            ident = image["c"][0][0]
-            image["c"][0][0] = ""
-            node = {"t": "Figure", "c": [[ident, [], []], [None, []], [Plain([image])]]}
-            return visit(node) or node
-        elif t == "Figure" and node["c"][0][0].startswith("fig-"):
+        elif t in ("Para", "Plain") and len(c) == 1 and c[0]["t"] == "Image":
+            image = c[0]["c"]
+            if image[0][0].startswith("fig-"):  # a labelled image without a caption
+                figure = [[image[0][0], [], []], [None, []], [Plain([c[0]])]]
+                image[0][0] = ""
+                visit("Figure", figure)
+                return {"t": "Figure", "c": figure}
+        elif t == "Figure" and c[0][0].startswith("fig-"):
             figures[0] += 1
             num = f"{number}.{figures[0]}" if number else str(figures[0])
-            caption = node["c"][1][1]
+            caption = c[1][1]
             text = stringify(caption).strip()
             prefix = [Str(f"Figure\u00a0{num}" + (":" if text else ""))] + (
                 [Space()] if text else []
@@ -1095,16 +995,8 @@ def number_chapter(ch, number, book: Book, labels: dict):
             if caption and caption[0]["t"] in ("Plain", "Para"):
                 caption[0]["c"] = prefix + caption[0]["c"]
             else:
-                node["c"][1][1] = [Plain(prefix)] + caption
-            for image in (
-                b["c"][0] for b in node["c"][2] if b["t"] in ("Plain", "Para") and b["c"]
-            ):
-                alt = dict(image["c"][0][2]).get("fig-alt") if image["t"] == "Image" else None
-                if alt:  # the image's alt text
-                    image["c"][1] = [Str(alt)]
-                    image["c"][0][2] = [kv for kv in image["c"][0][2] if kv[0] != "fig-alt"]
-            register(labels, node["c"][0][0], Target(ch, "figure", num, text), ch, where["cell"])
-            return node
+                c[1][1] = [Plain(prefix)] + caption
+            register(labels, c[0][0], Target(ch, "figure", num, text), ch, where["cell"])
 
     ch.blocks = walk(ch.blocks, visit)
     if problems:
@@ -1120,7 +1012,7 @@ def number_chapter(ch, number, book: Book, labels: dict):
         if h["t"] == "Header" and h["c"][0] == 1:
             if nxt["t"] == "BlockQuote":
                 ch.description = stringify(nxt["c"]).strip()
-                nxt.update(Div("", ["lead"], nxt["c"]))
+                nxt.update(Div(["", ["lead"], []], nxt["c"]))
             break
 
 
@@ -1156,28 +1048,6 @@ def math_control(tex):
         f"{chr(0x2400 + ord(c.group(0)))}): a Python escape (\\t in \\text, \\b in \\beta, "
         "\\f in \\frac, \\r in \\right) where a backslash was meant"
     )
-
-
-def prose_problems(ch):
-    """Typography checks on the chapter's prose (its text outside code, maths and raw markup, and
-    the Markdown and tables its cells output), naming the cell; run on every build."""
-    problems, cell = [], [None]
-
-    def visit(x):
-        if isinstance(x, list):
-            for item in x:
-                visit(item)
-        elif isinstance(x, dict):
-            t = x.get("t")
-            if t == "RawBlock" and x["c"][0] == CELL_MARK:
-                cell[0] = x["c"][1]
-            elif t in ("Para", "Plain", "Header"):
-                problems.extend(text_problems(at(ch, cell[0]), prose_text(x["c"])))
-            elif t not in ("CodeBlock", "RawBlock"):
-                visit(x.get("c"))
-
-    visit(ch.blocks)
-    return problems
 
 
 def prose_text(x):
@@ -1237,10 +1107,11 @@ def typst_label(ch, ident, labels):
     return ident if ident in labels else f"{ch.stem}--{ident}"
 
 
-def resolve(ch, fmt, book: Book, labels: dict, problems: list, present=None):
+def resolve(ch, fmt, book: Book, labels: dict, problems: list, present=None, listings=None):
     """The chapter's AST for one format (`html` or `typst`): refs resolved, format-only content
     chosen, numbers shown. `present`: the chapters in the PDF (in a one-chapter preview, links to
-    the others are left as text)."""
+    the others are left as text). In Typst a Python listing becomes a line `// minillm-listing N`
+    and its code listings[N] (see `write_all`)."""
     by_path = {c.path: c for c in book.chapters}
     where = {"cell": None}
 
@@ -1274,12 +1145,11 @@ def resolve(ch, fmt, book: Book, labels: dict, problems: list, present=None):
         return href(target, frag)
 
     def cite(node):
-        ids = [c["citationId"] for c in node["c"][0]]
+        ids = [c["citationId"] for c in node[0]]
         if not any(is_crossref(k) for k in ids):  # a citation, formatted by citeproc (cite_book)
-            attrs = ["", ["citation"], [["data-cites", " ".join(ids)]]]
-            return {"t": "Span", "c": [attrs, node["c"][1]]}
+            return Span(["", ["citation"], [["data-cites", " ".join(ids)]]], node[1])
         out = []
-        for n, c in enumerate(node["c"][0]):
+        for n, c in enumerate(node[0]):
             key = c["citationId"]
             label = key[0].lower() + key[1:]
             if label not in labels:
@@ -1292,7 +1162,7 @@ def resolve(ch, fmt, book: Book, labels: dict, problems: list, present=None):
                     problems.append(
                         f"{at(ch, where['cell'])}: unresolved cross-reference @{key}{hint}"
                     )
-                return node["c"][1]  # not a cross-reference: the text as written
+                return node[1]  # not a cross-reference: the text as written
             t = labels[label]
             text = t.text(number_only=c["citationMode"]["t"] == "SuppressAuthor")
             prefix = c["citationPrefix"] + ([Space()] if c["citationPrefix"] else [])
@@ -1300,128 +1170,96 @@ def resolve(ch, fmt, book: Book, labels: dict, problems: list, present=None):
             out += (
                 ([Str(","), Space()] if n else [])
                 + prefix
-                + [Link([Str(text)], url) if url else Str(text)]
+                + [Link(["", [], []], [Str(text)], [url, ""]) if url else Str(text)]
                 + c["citationSuffix"]
             )
         return out
 
-    def visit(node):
-        t, a = node["t"], attr(node)
-        if t == "RawBlock" and node["c"][0] == CELL_MARK:
-            where["cell"] = node["c"][1]
-            return (
-                [raw("typst", f"// minillm-source: {ch.src} cell {node['c'][1]}")]
-                if fmt == "typst"
-                else []
-            )
+    def each(blocks):  # what a Div opens into: each block visited, as the walk visits a node
+        out = []
+        for b in blocks:
+            r = visit(b["t"], b.get("c"))
+            out += r if isinstance(r, list) else [b if r is None else r]
+        return out
+
+    def visit(t, c, *_):
+        a = attr(t, c)
+        if t == "RawBlock" and c[0] == CELL_MARK:
+            where["cell"] = c[1]
+            return [raw("typst", f"// minillm-source: {ch.src} cell {c[1]}")] * (fmt == "typst")
         if t == "Cite":
-            return cite(node)
+            return cite(c)
         if t == "Link":
-            node["c"][2][0] = link_url(node["c"][2][0])
-            if not node["c"][2][0] and fmt == "typst":  # a chapter not in this PDF
-                return {"t": "Span", "c": [["", [], []], node["c"][1]]}
+            c[2][0] = link_url(c[2][0])
+            if not c[2][0] and fmt == "typst":  # a chapter not in this PDF
+                return Span(["", [], []], c[1])
         if t == "Div":
             keep = visible(a, fmt)
-            if keep is False:
-                return []
-            if keep is True:
-                return node["c"][1]
+            if keep is not None:
+                return each(c[1]) if keep else []
         if t == "Div" and "check" in a[1]:  # a cell of asserts: a check, collapsed
-            summary = dict(a[2]).get("summary", "")
-            if fmt == "typst":
-                for block in node["c"][1]:
-                    if block["t"] == "CodeBlock":
-                        block["c"][0][1] = ["pycheck"]  # book.typ sets it small, in a box
-                return node["c"][1]
+            if fmt == "typst":  # book.typ: a small box, the listing set by check-lines
+                opening = raw("typst", "#check[#let Skylighting = check-lines")
+                return [opening] + each(c[1]) + [raw("typst", "]")]
+            summary = html.escape(dict(a[2]).get("summary", ""))
             head = (
                 '<details class="check"><summary><span class="check-mark">✓ checked</span>: '
-                f"<code>{html.escape(summary)}</code></summary>"
+                f"<code>{summary}</code></summary>"
             )
-            return [raw("html", head)] + node["c"][1] + [raw("html", "</details>")]
+            return [raw("html", head)] + c[1] + [raw("html", "</details>")]
+        if t == "Header":
+            level, num = c[0], dict(c[1][2]).get("number")
+            c[1][2] = [kv for kv in c[1][2] if kv[0] != "number"]
         if fmt == "html":
-            if t == "Math":  # in a box that scrolls, on a phone, when the formula is too wide
-                kind = "math-display" if node["c"][0]["t"] == "DisplayMath" else "math-inline"
-                return {"t": "Span", "c": [["", [kind], []], [node]]}
-            if t == "Header":
-                level, num = node["c"][0], dict(node["c"][1][2]).get("number")
-                node["c"][1][2] = [kv for kv in node["c"][1][2] if kv[0] != "number"]
-                if num:
-                    cls = "chapter-number" if level == 1 else "header-section-number"
-                    node["c"][2] = [
-                        raw("html", f'<span class="{cls}">{num}</span>', False),
-                        Space(),
-                    ] + node["c"][2]
-                if a[0] and level > 1:  # an anchor to link to the section
-                    node["c"][2].append(
-                        raw(
-                            "html",
-                            f' <a class="anchor" href="#{html.escape(a[0])}" aria-label="Link to '
-                            f'this section" data-pagefind-ignore>#</a>',
-                            False,
-                        )
-                    )
-            return node
+            if t == "Header" and num:
+                cls = "chapter-number" if level == 1 else "header-section-number"
+                c[2][:0] = [raw("html", f'<span class="{cls}">{num}</span>', False), Space()]
+            if t == "Header" and a[0] and level > 1:  # an anchor to link to the section
+                anchor = (
+                    f' <a class="anchor" href="#{html.escape(a[0])}" aria-label="Link to this '
+                    'section" data-pagefind-ignore>#</a>'
+                )
+                c[2].append(raw("html", anchor, False))
+            return None
         # Typst
+        if t == "CodeBlock" and "python" in a[1]:
+            listings.append(c)
+            return raw("typst", f"// minillm-listing {len(listings) - 1}")
         if a and a[0]:
             a[0] = typst_label(ch, a[0], labels)
         if t == "Header":
-            level = node["c"][0]
-            num = dict(node["c"][1][2]).get("number")
-            node["c"][1][2] = [kv for kv in node["c"][1][2] if kv[0] != "number"]
             numbering = f'(..) => "{num}"' if num else "none"
             supplement = ("[Appendix]" if ch.appendix else "[Chapter]") if level == 1 else "auto"
-            return [
-                raw("typst", f"#set heading(numbering: {numbering}, supplement: {supplement})"),
-                node,
-            ]
-        if t == "Image" and re.match(
-            r"^[a-z][a-z0-9+.-]*:", node["c"][2][0], re.I
-        ):  # Typst reads no URLs
-            return Link(node["c"][1] or [Str(node["c"][2][0])], node["c"][2][0])
+            heading = f"#set heading(numbering: {numbering}, supplement: {supplement})"
+            return [raw("typst", heading), {"t": t, "c": c}]
+        if t == "Image" and re.match(r"^[a-z][a-z0-9+.-]*:", c[2][0], re.I):  # Typst reads no URLs
+            return Link(["", [], []], c[1] or [Str(c[2][0])], [c[2][0], ""])
         if t == "Div":
-            classes, body = a[1], node["c"][1]
+            classes, body = a[1], c[1]
             label = f" <{a[0]}>" if a[0] else ""
             if "callout" in classes:
-                kind = next(
-                    c[8:] for c in classes if c.startswith("callout-") and c[8:] in CALLOUTS
-                )
+                kind = next(k[8:] for k in classes if k[:8] == "callout-" and k[8:] in CALLOUTS)
                 title = body[0]["c"][1][0]["c"]  # Div.callout-title > Plain
-                opening = (
-                    [raw("typst", f"#callout({typst_str(kind)}, [", False)]
-                    + title
-                    + [raw("typst", "])[", False)]
-                )
-                return [Plain(opening)] + body[1]["c"][1] + [raw("typst", "]" + label)]
-            if "csl-entry" in classes:
-                return [raw("typst", "#bibentry[")] + body + [raw("typst", "]" + label)]
-            if "references" in classes:
-                return body
-            if "lead" in classes:
-                return [raw("typst", "#lead[")] + body + [raw("typst", "]" + label)]
-            if (
-                "cell-output" in classes
-            ):  # its code blocks are styled by their "language": stdout, stderr, error
-                return body
-        return node
+                opening = [raw("typst", f"#callout({typst_str(kind)}, [", False)] + title
+                opening += [raw("typst", "])[", False)]
+                return [Plain(opening)] + each(body[1]["c"][1]) + [raw("typst", "]" + label)]
+            for cls, call in (("csl-entry", "#bibentry["), ("lead", "#lead[")):
+                if cls in classes:
+                    return [raw("typst", call)] + each(body) + [raw("typst", "]" + label)]
+            if "references" in classes or "cell-output" in classes:
+                return each(body)  # code blocks styled by their "language": stdout, stderr, error
 
-    return walk(ch.blocks, visit)
+    return walk(json.loads(json.dumps(ch.blocks)), visit)  # a copy: `visit` changes it in place
 
 
 def visible(a, fmt):
     """For a Div: False to drop it in this format, True to keep just its content, None to keep it as
-    it is."""
-    classes, kv = a[1], dict(a[2])
+    it is (`only-html`/`only-typst` are the renderer's, `content-visible when-format` Quarto's)."""
+    classes, when = a[1], dict(a[2]).get("when-format")
     if "only-html" in classes or "only-typst" in classes:
         return f"only-{fmt}" in classes
-    formats = {"pdf": "typst", "latex": "typst"}
-    for cls, shown in (("content-visible", True), ("content-hidden", False)):
-        if cls in classes:
-            when, unless = kv.get("when-format"), kv.get("unless-format")
-            if when is not None:
-                return shown if formats.get(when, when) == fmt else not shown
-            if unless is not None:
-                return not shown if formats.get(unless, unless) == fmt else shown
-            return shown
+    if "content-visible" in classes:
+        return when is None or {"pdf": "typst", "latex": "typst"}.get(when, when) == fmt
     return None
 
 
@@ -1437,9 +1275,15 @@ def typst_str(s):
 SHORT_CODE = re.compile(r"<code>([^<\s]{1,24})</code>")
 
 
+# A formula in a box that scrolls, on a phone, when it is too wide.
+MATHML = re.compile(r'<math display="(block|inline)".*?</math>', re.S)
+
+
 def html_page(ch, body, book: Book, template: string.Template):
     e = html.escape
     body = SHORT_CODE.sub(r'<code class="nowrap">\1</code>', body)
+    kind = {"block": "display", "inline": "inline"}
+    body = MATHML.sub(lambda m: f'<span class="math-{kind[m[1]]}">{m[0]}</span>', body)
     items, part = [], None
     for c in book.chapters:
         if c.part != part and c.part is not None:
@@ -1598,13 +1442,18 @@ FONT_PACKAGES = {  # package: (its fonts' directory when installed, the code poi
 FONT_SUFFIXES = (".ttf", ".ttc", ".otf", ".otc")
 
 
-def font_cache() -> Path:
-    "Where fetched font packages are unpacked: `$MINILLM_CACHE/fonts`, as minillm caches data."
+def cache_dir() -> Path:
+    "The renderer's cache: `$MINILLM_CACHE/book`, beside minillm's data (~/.cache/minillm)."
     base = os.environ.get("MINILLM_CACHE")
     if not base:
         base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
         base = Path(base) / "minillm"
-    return Path(base) / "fonts"
+    return Path(base) / "book"
+
+
+def font_cache() -> Path:
+    "Where fetched font packages are unpacked: `$MINILLM_CACHE/fonts`, as minillm caches data."
+    return cache_dir().parent / "fonts"
 
 
 def font_paths():
@@ -1837,61 +1686,58 @@ def render(project=".", out=None, chapter=None) -> Result:
                     number = str(n_chapter)
                 number_chapter(ch, number if book.number_sections else None, book, labels)
             if references:
-                for entry in walk_nodes(references.blocks, "Div"):
-                    if "csl-entry" in entry["c"][0][1]:
-                        target = Target(references, "reference", None, stringify(entry["c"][1]))
-                        register(labels, entry["c"][0][0], target, references, None)
+                entries = []
+                walk(references.blocks, lambda t, c, *_: entries.append(c) if t == "Div" else None)
+                for (ident, classes, _), body in entries:
+                    if "csl-entry" in classes:
+                        target = Target(references, "reference", None, stringify(body))
+                        register(labels, ident, target, references, None)
 
             chapters = [only] if only else book.chapters
-            problems += [p for ch in chapters for p in prose_problems(ch)]
+            problems += [p for ch in chapters for p in ch.problems]
+            listings = []  # the PDF's Python listings, highlighted by pandoc (`typst_listings`)
             asts = {
-                fmt: [resolve(ch, fmt, book, labels, problems, chapters) for ch in chapters]
+                fmt: [
+                    resolve(ch, fmt, book, labels, problems, chapters, listings) for ch in chapters
+                ]
                 for fmt in ("html", "typst")
             }
             if problems:
                 raise BookError("\n".join(dict.fromkeys(problems)))
 
-            def write(ch, blocks, fmt):
-                if fmt == "typst":
-                    blocks = sticky_intros(blocks)
-                doc = json.dumps({"pandoc-api-version": api_version, "meta": {}, "blocks": blocks})
-                args = ["--mathml", "--wrap=none"] if fmt == "html" else ["--wrap=preserve"]
-                out = pandoc(doc, "json", fmt, ch.src, *args)
-                return typst_symbols(out) if fmt == "typst" else out
-
-            # Typst first: while it typesets (it releases the GIL), pandoc writes the HTML pages.
-            typst_bodies = [
-                pool.submit(write, ch, b, "typst") for ch, b in zip(chapters, asts["typst"])
-            ]
-            html_bodies = [
-                pool.submit(write, ch, b, "html") for ch, b in zip(chapters, asts["html"])
-            ]
-
-            bodies = with_fonts([f.result() for f in typst_bodies], chapters)
+            # pandoc writes every chapter in one call per format (its highlighter's set-up costs
+            # half a second a call), the PDF's chapters and the HTML pages at once, on two cores.
+            typst_out = pool.submit(write_all, asts["typst"], "typst", api_version, listings)
+            html_out = pool.submit(write_all, asts["html"], "html", api_version)
+            bodies = with_fonts(typst_out.result(), chapters)
             source = typst_document(book, bodies, chapters)
             name = only.stem if only else book.output_file
             typ_name = f"{name}.typ"
             shutil.copyfile(TEMPLATES / "book.typ", tmp / TYPST_TEMPLATE)
             (tmp / typ_name).write_text(source, encoding="utf-8")
             pdf = tmp / f"{name}.pdf"
-            compile_pdf(tmp, typ_name, pdf, source)
-            (tmp / typ_name).unlink()
-            (tmp / TYPST_TEMPLATE).unlink()
+            # Typst typesets (without the GIL) while the HTML pages are written and indexed.
+            typeset = pool.submit(compile_pdf, tmp, typ_name, pdf, source)
 
             template = string.Template((TEMPLATES / "page.html").read_text(encoding="utf-8"))
-            for ch, body in zip(chapters, html_bodies):
-                page = html_page(ch, body.result(), book, template)
+            for ch, body in zip(chapters, html_out.result()):
+                page = html_page(ch, body, book, template)
                 problems += html_problems(ch, page)
                 (tmp / ch.page).write_text(page, encoding="utf-8")
             if problems:
                 raise BookError("\n".join(dict.fromkeys(problems)))
             for asset in ASSETS:
                 shutil.copyfile(TEMPLATES / asset, tmp / asset)
+            if not only:
+                search_index(tmp)
+            typeset.result()
+            (tmp / typ_name).unlink()
+            (tmp / TYPST_TEMPLATE).unlink()
+        prune_cache()
         pages = len(re.findall(rb"/Type\s*/Page(?![a-zA-Z])", pdf.read_bytes()))
         if only:
             publish_chapter(tmp, out, only)
         else:
-            search_index(tmp)
             publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -1984,8 +1830,15 @@ def main(argv=None):
         default=None,
         help="render only this chapter (`04` or `04_attention`): its HTML page and <name>.pdf",
     )
+    ap.add_argument(
+        "--check-notebooks",
+        action="store_true",
+        help="only check that every notebook is valid JSON (run before nbdev-export)",
+    )
     args = ap.parse_args(argv)
     try:
+        if args.check_notebooks:
+            return check_notebooks(Path(args.project)) or 0
         r = render(args.project, args.out, args.chapter)
     except BookError as e:
         print(f"render_book: error: {e}", file=sys.stderr)
