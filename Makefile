@@ -46,8 +46,11 @@ export: $(STAMP)
 	$(VENV)/bin/nbdev-export
 
 # CHAPTER=04 renders that chapter alone (its HTML page and a PDF of it) into book/, beside the rest.
+# Every notebook's JSON is checked first: nbdev-export's traceback for a broken one never names it.
 CHAPTER ?=
-book: $(STAMP) export
+book: $(STAMP)
+	@$(PY) tools/render_book.py --check-notebooks
+	@$(MAKE) --no-print-directory export
 	@if command -v quarto >/dev/null 2>&1 && [ -z "$(CHAPTER)" ]; then quarto render; \
 	else $(PY) tools/render_book.py $(if $(CHAPTER),--chapter $(CHAPTER)); fi
 

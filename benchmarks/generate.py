@@ -10,17 +10,17 @@ architecture, re-implemented in `benchmarks/train_step.py`; we time it both with
 tokens and each step is cheaper.
 
 Ours decodes greedily (`temperature=0`); nanoGPT's `generate` always samples (its per-step cost is
-the same forward pass). Each measurement runs `--repeat` times and reports the best run (the machine
-is shared: the best run is the least disturbed) and, after the slash, the median, at each thread
-count of `--threads` and each batch size of `--batch` (tokens/s counts the tokens of all rows; the
-nanoGPT columns are measured at batch 1 only). We also check that greedy output is identical with
+the same forward pass). Each measurement runs `--repeat` rounds, ours and nanoGPT's taking turns
+within a round so that they see the same load, and reports the best run (the machine is shared: the
+best run is the least disturbed) and, after the slash, the median, at each thread count of
+`--threads` and each batch size of `--batch` (tokens/s counts the tokens of all rows; the nanoGPT
+columns are measured at batch 1 only). We also check that greedy output is identical with
 and without the cache, at every batch size.
 
     .venv/bin/python benchmarks/generate.py [--new-tokens 512] [--repeat 3] [--threads 1,2]
         [--batch 1,8]
 """
 
-import argparse
 import os
 import statistics
 import sys
@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from fastcore.script import call_parse
 
 from minillm.generate import generate
 from minillm.model import GPT, GPTConfig, n_params
@@ -38,15 +39,18 @@ from train_step import NanoGPT  # noqa: E402  (the reference model)
 VOCAB, PROMPT = 81, 10
 
 
-def tokens_per_s(fn, n, repeat):
-    "(best, median) tokens per second of `fn(n)`, which makes `n` tokens, over `repeat` runs."
-    fn(8)  # warm up
-    times = []
+def race(fns: dict, n: int, repeat: int) -> dict:
+    """(best, median) tokens per second of each `fn(n)` of `fns`, which makes `n` tokens, over
+    `repeat` rounds in which the functions take turns (so that they see the same machine load)."""
+    for fn in fns.values():
+        fn(8)  # warm up
+    times = {name: [] for name in fns}
     for _ in range(repeat):
-        t = time.perf_counter()
-        fn(n)
-        times.append(time.perf_counter() - t)
-    return n / min(times), n / statistics.median(times)
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn(n)
+            times[name].append(time.perf_counter() - t)
+    return {name: (n / min(t), n / statistics.median(t)) for name, t in times.items()}
 
 
 def cell(r, width):
@@ -54,15 +58,15 @@ def cell(r, width):
     return f"{f'{r[0]:,.0f}/{r[1]:,.0f}':>{width}s}" if r else f"{'—':>{width}s}"
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--new-tokens", type=int, default=512)
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--threads", default="1,2", help="comma-separated thread counts")
-    ap.add_argument("--batch", default="1,8", help="comma-separated batch sizes")
-    args = ap.parse_args()
-    n = args.new_tokens
-    batches = [int(b) for b in args.batch.split(",")]
+@call_parse
+def main(
+    new_tokens: int = 512,  # tokens generated per run
+    repeat: int = 3,  # rounds; best and median reported
+    threads: str = "1,2",  # comma-separated thread counts
+    batch: str = "1,8",  # comma-separated batch sizes
+):
+    n = new_tokens
+    batches = [int(b) for b in batch.split(",")]
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=VOCAB, context_length=1024, n_layer=4, n_head=4, n_embd=128)
     model = GPT(cfg).eval()
@@ -79,7 +83,7 @@ def main():
     print(
         f"generation: {n_params(cfg, non_embedding=True):,}-parameter model "
         f"(non-embedding; {n_params(cfg):,} in all), context {cfg.context_length}, "
-        f"prompt {PROMPT} tokens, {n} new tokens, best/median of {args.repeat}; "
+        f"prompt {PROMPT} tokens, {n} new tokens, best/median of {repeat}; "
         f"torch {torch.__version__}; "
         f"load average {' '.join(f'{l:.2f}' for l in os.getloadavg())}"
     )
@@ -90,38 +94,28 @@ def main():
         "   (tokens/s, best/median)"
     )
     verdicts = []
-    for threads in (int(t) for t in args.threads.split(",")):
-        torch.set_num_threads(threads)
+    for n_threads in (int(t) for t in threads.split(",")):
+        torch.set_num_threads(n_threads)
         for b, prompt in prompts.items():
-            cached = tokens_per_s(
-                lambda k: generate(model, prompt, k, temperature=0), n, args.repeat
-            )
-            uncached = tokens_per_s(
-                lambda k: generate(model, prompt, k, temperature=0, use_cache=False),
-                n,
-                args.repeat,
-            )
-            nano = {
-                ctx: tokens_per_s(lambda k, m=m: m.generate(prompt, k), n, args.repeat)
-                if b == 1
-                else None
-                for ctx, m in refs.items()
+            fns = {
+                "cache": lambda k: generate(model, prompt, k, temperature=0),
+                "no cache": lambda k: generate(model, prompt, k, temperature=0, use_cache=False),
             }
+            if b == 1:  # nanoGPT's columns: batch 1 only
+                fns |= {ctx: lambda k, m=m: m.generate(prompt, k) for ctx, m in refs.items()}
+            r = race(fns, n, repeat)
+            cached, uncached = r["cache"], r["no cache"]
+            nano = {ctx: r.get(ctx) for ctx in refs}
             cached, uncached = [(b * x, b * y) for x, y in (cached, uncached)]  # all rows
             print(
-                f"{threads:>7d}{b:>6d}{cell(cached, 14)}{cell(uncached, 16)}"
+                f"{n_threads:>7d}{b:>6d}{cell(cached, 14)}{cell(uncached, 16)}"
                 f"{cached[0] / uncached[0]:>8.1f}x{cell(nano[1024], 18)}{cell(nano[64], 16)}"
             )
             if b == 1:
                 met = same and cached[0] >= 2000 and cached[0] >= 5 * uncached[0]
-                verdicts.append(
-                    f"{threads} thread{'s' if threads > 1 else ''}: {'met' if met else 'NOT met'}"
-                )
+                plural = "s" if n_threads > 1 else ""
+                verdicts.append(f"{n_threads} thread{plural}: {'met' if met else 'NOT met'}")
     print(
         "targets at batch 1 (identical output, >= 2,000 tokens/s with the cache, "
         ">= 5x the no-cache path): " + "; ".join(verdicts)
     )
-
-
-if __name__ == "__main__":
-    main()

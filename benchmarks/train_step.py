@@ -25,14 +25,16 @@ TorchInductor cached on disk).
 Method: all models take turns, `--rounds` rounds of `--steps` steps each after a warm-up, on the
 same batch, so that they see the same machine load; we report the best round (the least disturbed:
 the machine is shared) and the median round, and the speed-up of ours over the reference for both.
-The target: ours (`minillm`, eager) takes at most `--target` (1.0) times the reference's best-round
-time; the script exits with status 1 when it is missed.
+The compiled model starts from the same weights as the eager one and sees the same batch, so their
+losses over the three warm-up steps must agree to rounding (within 1e-5); the script prints the
+largest difference. The target: ours — compiled, as `train(compile=True)` runs it, or eager with
+`--no-compile` — takes at most `--target` (0.85) times the reference's best-round time, with equal
+losses; the script exits with status 1 when it is missed.
 
     .venv/bin/python benchmarks/train_step.py [--rounds 20] [--steps 5] [--threads 2] [--scratch]
-        [--nanogpt-dir DIR] [--no-compile] [--target 1.0]
+        [--nanogpt-dir DIR] [--no-compile] [--target 0.85]
 """
 
-import argparse
 import contextlib
 import importlib.util
 import io
@@ -43,6 +45,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from fastcore.script import call_parse
 from torch import nn
 
 from minillm.model import GPT, GPTConfig, n_params
@@ -257,37 +260,23 @@ def make_step(name, x, y, nanogpt=None):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return loss.detach()
 
     return model, step
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=20)
-    ap.add_argument("--steps", type=int, default=5, help="steps per round")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument(
-        "--scratch",
-        action="store_true",
-        help="also time our model with the chapter's from-scratch LayerNorm and GELU",
-    )
-    ap.add_argument(
-        "--nanogpt-dir",
-        help="a nanoGPT checkout: time its own model.py as the reference (default: the "
-        "re-implementation above)",
-    )
-    ap.add_argument(
-        "--target",
-        type=float,
-        default=1.0,
-        help="most time per step of ours (minillm, best round) / the reference's; exit 1 above it",
-    )
-    ap.add_argument(
-        "--no-compile", action="store_true", help="leave out the row of ours with torch.compile"
-    )
-    args = ap.parse_args()
-    nanogpt = load_nanogpt(args.nanogpt_dir) if args.nanogpt_dir else None
-    torch.set_num_threads(args.threads)
+@call_parse
+def main(
+    rounds: int = 20,  # rounds of `steps` steps, the models taking turns
+    steps: int = 5,  # steps per round
+    threads: int = 2,  # torch CPU threads
+    scratch: bool = False,  # also time our model with the chapter's from-scratch LayerNorm and GELU
+    nanogpt_dir: str = None,  # a nanoGPT checkout: time its own model.py as the reference
+    target: float = 0.85,  # most time per step of ours (best round) / the reference's; exit 1 above
+    no_compile: bool = False,  # leave out the row of ours with torch.compile
+):
+    nanogpt = load_nanogpt(nanogpt_dir) if nanogpt_dir else None
+    torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)
     x, y = (
         torch.randint(0, VOCAB, (B, T), generator=g),
@@ -296,39 +285,38 @@ def main():
     ref = "nanoGPT model.py (reference)" if nanogpt else "nanoGPT re-impl. (reference)"
     names = (
         [ref, "minillm", "minillm, no bias"]
-        + ([] if args.no_compile else ["minillm, compiled"])
-        + (["minillm, from-scratch LN+GELU"] if args.scratch else [])
+        + ([] if no_compile else ["minillm, compiled"])
+        + (["minillm, from-scratch LN+GELU"] if scratch else [])
     )
-    models, steps, first = {}, {}, {}
+    models, steppers, first, losses = {}, {}, {}, {}
     for name in names:
-        models[name], steps[name] = make_step(name, x, y, nanogpt)
-    for name, step in steps.items():
+        models[name], steppers[name] = make_step(name, x, y, nanogpt)
+    for name, step in steppers.items():
         t = time.perf_counter()
-        step()  # the first step: where torch.compile compiles
+        losses[name] = [step()]  # the first step: where torch.compile compiles
         first[name] = time.perf_counter() - t
-        for _ in range(2):
-            step()
+        losses[name] += [step() for _ in range(2)]
     times = {name: [] for name in names}
-    for _ in range(args.rounds):
-        for name, step in steps.items():
+    for _ in range(rounds):
+        for name, step in steppers.items():
             t = time.perf_counter()
-            for _ in range(args.steps):
+            for _ in range(steps):
                 step()
-            times[name].append((time.perf_counter() - t) / args.steps * 1000)
+            times[name].append((time.perf_counter() - t) / steps * 1000)
     cfg = GPTConfig(
         vocab_size=VOCAB, context_length=T, n_layer=N_LAYER, n_head=N_HEAD, n_embd=N_EMBD
     )
     print(
         f"train step: batch {B} x {T}, {N_LAYER} layers, {N_HEAD} heads, {N_EMBD} dims, "
-        f"vocab {VOCAB}, {n_params(cfg):,} parameters, float32, {args.threads} threads, "
+        f"vocab {VOCAB}, {n_params(cfg):,} parameters, float32, {threads} threads, "
         f"torch {torch.__version__}"
     )
     print(
-        f"{args.rounds} rounds of {args.steps} steps, models taking turns; load average before: "
+        f"{rounds} rounds of {steps} steps, models taking turns; load average before: "
         f"{' '.join(f'{l:.2f}' for l in os.getloadavg())}"
     )
     if nanogpt is not None:
-        print(f"reference: nanoGPT's own model.py from {args.nanogpt_dir}")
+        print(f"reference: nanoGPT's own model.py from {nanogpt_dir}")
     if "minillm, compiled" in first:
         print(
             f"torch.compile: first step of ours compiled {first['minillm, compiled']:.1f} s "
@@ -345,15 +333,21 @@ def main():
             f"{name:32s}{best:>13.1f}{med:>9.1f}{B * T / best * 1000:>10,.0f}"
             f"{best / ref_best:>24.3f}{med / ref_med:>8.3f}"
         )
-    ratio = min(times["minillm"]) / ref_best
-    ok = ratio <= args.target
+    same = True
+    if "minillm, compiled" in losses:  # the same weights and batch: the same losses, to rounding
+        eager, compiled = torch.stack(losses["minillm"]), torch.stack(losses["minillm, compiled"])
+        same = torch.allclose(compiled, eager, rtol=1e-5, atol=1e-5)
+        print(
+            f"losses of the first 3 steps, eager {[round(v, 5) for v in eager.tolist()]}, "
+            f"compiled: largest difference {(compiled - eager).abs().max():.1e} "
+            f"({'equal' if same else 'NOT equal'} within 1e-5)"
+        )
+    ours = "minillm, compiled" if "minillm, compiled" in times else "minillm"
+    ratio = min(times[ours]) / ref_best
+    ok = ratio <= target and same
     print(
-        f"target: minillm / reference ≤ {args.target:.2f} (best round) — "
+        f"target: {ours} / reference ≤ {target:.2f} (best round), the same losses — "
         f"{'met' if ok else 'NOT met'} ({ratio:.3f})"
     )
     if not ok:
         raise SystemExit(1)
-
-
-if __name__ == "__main__":
-    main()

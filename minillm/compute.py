@@ -1,4 +1,4 @@
-"""What training costs, from first principles: FLOPs ≈ 6·N·D, the memory per parameter, Chinchilla's 20 tokens per parameter, GPU-hours and dollars at a stated utilisation; our runs' measured MFU; a learning-rate sweep, a small scaling law, and the compute-optimal model size, by Kaplan's, Chinchilla's and our own measurements.
+"""What training costs, from first principles: FLOPs ≈ 6·N·D, the memory per parameter, Chinchilla's 20 tokens per parameter, GPU-hours and dollars at a stated utilisation; our runs' measured MFU; power-law fits for a small scaling law, and the compute-optimal model size, by Kaplan's, Chinchilla's and our own measurements.
 
 Design: flat functions of plain numbers (parameters, tokens, FLOP/s, prices), so that the same
 arithmetic prices a 0.9-million-parameter model on a laptop and a 70-billion-parameter one on a

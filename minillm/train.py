@@ -794,20 +794,19 @@ def pretrained(
 ) -> tuple[GPT, Tokenizer]:
     """A trained model in one call: loaded from `run_dir(preset)` when that run is complete,
     otherwise trained there first (deterministically; resuming an interrupted run), which it
-    announces in one line. `progress`: show a progress bar while training; by default only when
-    stderr is a terminal (so notebooks and logs stay clean)."""
+    announces in one line on stderr. `progress`: also show a progress bar while training; by default
+    only when stderr is a terminal (so notebooks and logs stay clean)."""
     out_dir = run_dir(preset)
     with _locked(out_dir / ".lock"):
         done = (out_dir / "metrics.json").exists() and find_checkpoint(out_dir / "ckpt") is not None
     if not done:
         if progress is None:
             progress = sys.stderr.isatty()
-        if progress:
-            print(
-                f"pretrained: training {preset} once, into {out_dir} "
-                f"({get_preset(preset).about}); later calls load it",
-                file=sys.stderr,
-                flush=True,
-            )
+        print(  # always: a notebook or a log must not sit silent for minutes
+            f"pretrained: training {preset} once, into {out_dir} "
+            f"({get_preset(preset).about}); later calls load it",
+            file=sys.stderr,
+            flush=True,
+        )
         train_run(preset, out_dir, device, progress)
     return load_run(out_dir, device)

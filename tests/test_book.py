@@ -246,7 +246,7 @@ def write_project(root: Path):
             new_markdown_cell(
                 "## A section {#sec-two-a}\n\nBack to @sec-one-second and @fig-dots, and "
                 "[the preface](index.ipynb). "
-                "@lamport1994latex wrote a manual."
+                "@lamport1994latex wrote a manual.[^fn]\n\n[^fn]: A footnote of chapter two."
             ),
             new_code_cell(
                 "show_markdown()",
@@ -315,6 +315,9 @@ def test_html_numbers_and_cross_references(built):
     assert "Back to Section 1.2 and Figure 1.1" in text_of(two)
     assert 'href="01_one.html#sec-one-second"' in h2 and 'href="01_one.html#fig-dots"' in h2
     assert 'href="index.html">the preface</a>' in h2
+    # pandoc writes all pages in one call: a footnote stays on its chapter's page
+    assert "A footnote of chapter two." in h2 and 'href="#fn1"' in h2
+    assert "footnote" not in (root / "book" / "01_one.html").read_text()
     hi = index.read_text()
     assert "Read Section 1.2 first" in text_of(index) and 'href="01_one.html#sec-one-second"' in hi
     assert 'href="02_two.html">the second chapter' in hi and 'href="02_two.html#sec-two-a"' in hi
@@ -472,8 +475,23 @@ def fails(root: Path, capsys, *names):
 
 def test_invalid_json(project, capsys):
     (project / "nbs" / "02_two.ipynb").write_text('{"cells": [')
-    err = fails(project, capsys, "nbs/02_two.ipynb", "invalid JSON")
+    err = fails(project, capsys, "nbs/02_two.ipynb", "invalid JSON at line 1 column 12")
     assert len(err.strip().splitlines()) == 1
+
+
+def test_notebooks_checked_before_export(project, capsys):
+    """`make book` runs `render_book.py --check-notebooks` before nbdev-export: every notebook of
+    nbs/ (a chapter or not) must be valid JSON; a broken one: one line naming file and position."""
+    assert rb.main(["--project", str(project), "--check-notebooks"]) == 0
+    (project / "nbs" / "scratch.ipynb").write_text('{"cells": [\n  {"cell_type": "code",, }\n')
+    assert rb.main(["--project", str(project), "--check-notebooks"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "render_book: error: nbs/scratch.ipynb: not a valid notebook (invalid JSON at line 2 "
+        "column 24: Expecting property name enclosed in double quotes)"
+    )
+    make = (ROOT / "Makefile").read_text().split("\nbook:")[1].split("\n\n")[0]
+    assert make.index("--check-notebooks") < make.index("export")
 
 
 def test_missing_chapter(project, capsys):
@@ -623,7 +641,8 @@ def test_check_cells_are_compact(built):
     check = one.split('<details class="check">')[1].split("</details>")[0]
     assert "assert" in check and 'class="sourceCode python' in check  # highlighted code inside
     src = r.typst_source  # a small box; the listing highlighted by pandoc, set small by book.typ
-    assert '#check[#let Skylighting = check-lines\n#Skylighting(([#CommentTok("# the checks")' in src
+    check = '#check[#let Skylighting = check-lines\n#Skylighting(([#CommentTok("# the checks")'
+    assert check in src
     assert rb.check_summary("assert x\n# c\nassert (\n    y\n)") == "x (and 1 more)"
     assert rb.check_summary("x = 1\nassert x") is None and rb.check_summary("") is None
 

@@ -462,6 +462,8 @@ def test_waiting_for_the_run_lock_says_so(tmp_path, capsys):
 
 
 def test_pretrained_progress_by_default_only_on_a_terminal(tmp_path, monkeypatch, capsys):
+    """The progress bar only on a terminal; the one line saying that it trains, always (a notebook
+    or a log must not sit silent for minutes)."""
     import minillm.train as T
 
     calls = []
@@ -472,13 +474,19 @@ def test_pretrained_progress_by_default_only_on_a_terminal(tmp_path, monkeypatch
     monkeypatch.setattr(T, "load_run", lambda out, device: "loaded")
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
     assert T.pretrained("austen-tiny") == "loaded" and calls == [False]
-    assert capsys.readouterr().err == ""  # a notebook's stored output stays clean
+    assert capsys.readouterr().err.startswith("pretrained: training austen-tiny once, into ")
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     T.pretrained("austen-tiny")
     assert calls == [False, True]
     assert "pretrained: training austen-tiny once" in capsys.readouterr().err
     T.pretrained("austen-tiny", progress=False)
     assert calls == [False, True, False]
+    assert "pretrained: training austen-tiny once" in capsys.readouterr().err
+    (tmp_path / "austen-tiny" / "ckpt").mkdir(parents=True)
+    monkeypatch.setattr(T, "find_checkpoint", lambda path: path)
+    (tmp_path / "austen-tiny" / "metrics.json").write_text("{}")
+    assert T.pretrained("austen-tiny") == "loaded" and calls == [False, True, False]
+    assert capsys.readouterr().err == ""  # a finished run loads without a word
 
 
 def test_another_preset_is_refused_before_anything_is_written(tmp_path):

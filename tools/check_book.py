@@ -165,7 +165,7 @@ def check(book: Path, chromium: str, screenshots: Path | None = None):
                             warnings.append(message + " (the book's line width is 100)")
                         else:
                             problems.append(message)
-                    if screenshots and name in ("index.html", "04_attention.html"):
+                    if screenshots and name in ("index.html", "04_attention.html", "15_chat.html"):
                         screenshots.mkdir(parents=True, exist_ok=True)
                         page.screenshot(path=str(screenshots / f"{Path(name).stem}-{width}.png"))
                     if width == 390 and name == pages[0]:

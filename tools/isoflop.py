@@ -13,15 +13,16 @@ the finished runs made with the same settings) holds one record per run: budget,
 validation loss and seconds. About ten minutes on one thread of a busy machine.
 """
 
-import argparse
 import json
 import platform
 import sys
 import time
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
+from fastcore.script import call_parse
 
 from minillm.data import atomic_write_text, load_corpus, train_val_split
 from minillm.model import GPT, GPTConfig, n_params
@@ -84,53 +85,51 @@ def run_one(n_layer, n_embd, budget, train_tok, val_tok, vocab_size, lr, seed, e
     )
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("out", help="the JSON file to write, e.g. nbs/results/isoflop.json")
-    ap.add_argument("--lr", type=float, default=1e-2, help="peak learning rate (default 1e-2)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--eval-batches", type=int, default=50, help="validation batches of 16 × 64")
-    ap.add_argument(
-        "--budgets", type=float, nargs="*", default=None, help="a subset of the planned budgets"
-    )
-    args = ap.parse_args(argv)
+@call_parse
+def main(
+    out: str,  # the JSON file to write, e.g. nbs/results/isoflop.json
+    lr: float = 1e-2,  # peak learning rate
+    seed: int = 0,
+    eval_batches: int = 50,  # validation batches of 16 × 64
+    budgets: Annotated[float, "a subset of the planned budgets", dict(nargs="*")] = None,
+):
+    argv = sys.argv[1:]
     torch.set_num_threads(1)
-    budgets = args.budgets or list(PLAN)
+    budgets = budgets or list(PLAN)
     if unknown := [b for b in budgets if b not in PLAN]:
         sys.exit(f"no plan for budgets {unknown}; planned: {list(PLAN)}")
     train_text, val_text = train_val_split(load_corpus())
     tok = load_or_train_tokenizer(kind="char", vocab_size=None)
     train_tok = np.array(tok.encode(train_text), dtype=np.uint16)
     val_tok = np.array(tok.encode(val_text), dtype=np.uint16)
-    out = dict(
-        command="OMP_NUM_THREADS=1 nice -n 10 python tools/isoflop.py "
-        + " ".join(argv or sys.argv[1:]),
+    record = dict(
+        command="OMP_NUM_THREADS=1 nice -n 10 python tools/isoflop.py " + " ".join(argv),
         tokenizer="char",
         vocab_size=tok.vocab_size,
         batch_size=BATCH,
         context_length=CONTEXT,
         n_head=N_HEAD,
-        lr=args.lr,
-        min_lr=args.lr / 10,
-        seed=args.seed,
-        eval_batches=args.eval_batches,
+        lr=lr,
+        min_lr=lr / 10,
+        seed=seed,
+        eval_batches=eval_batches,
         train_tokens=len(train_tok),
         torch=torch.__version__,
         machine=platform.machine(),
         runs=[],
     )
-    settings = {k: v for k, v in out.items() if k not in ("command", "torch", "machine", "runs")}
+    settings = {k: v for k, v in record.items() if k not in ("command", "torch", "machine", "runs")}
     done = {}
     # resume: keep the runs a stopped sweep finished with these settings
-    if Path(args.out).exists():
-        old = json.loads(Path(args.out).read_text())
+    if Path(out).exists():
+        old = json.loads(Path(out).read_text())
         if all(old.get(k) == v for k, v in settings.items()):
             done = {(r["budget"], r["n_layer"], r["n_embd"]): r for r in old["runs"]}
     for budget in budgets:
         for n_layer, n_embd in PLAN[budget]:
             if (budget, n_layer, n_embd) in done:
-                out["runs"].append(done[budget, n_layer, n_embd])
-                atomic_write_text(args.out, json.dumps(out, indent=1) + "\n")
+                record["runs"].append(done[budget, n_layer, n_embd])
+                atomic_write_text(out, json.dumps(record, indent=1) + "\n")
                 continue
             r = run_one(
                 n_layer,
@@ -139,18 +138,14 @@ def main(argv=None):
                 train_tok,
                 val_tok,
                 tok.vocab_size,
-                args.lr,
-                args.seed,
-                args.eval_batches,
+                lr,
+                seed,
+                eval_batches,
             )
-            out["runs"].append(r)
-            atomic_write_text(args.out, json.dumps(out, indent=1) + "\n")
+            record["runs"].append(r)
+            atomic_write_text(out, json.dumps(record, indent=1) + "\n")
             print(
                 f"C={budget:.0e} {n_layer}x{n_embd:<3d} N={r['N']:>7,} D={r['D']:>9,} "
                 f"D/N={r['D'] / r['N']:6.1f} loss {r['val_loss']:.4f} ({r['seconds']:.0f} s)",
                 flush=True,
             )
-
-
-if __name__ == "__main__":
-    main()

@@ -8,41 +8,40 @@ parses and writes, Typst (the `typst` package) typesets the PDF, Pagefind (`page
 the HTML pages for search. Nothing is executed: the book shows the outputs stored in the notebooks.
 
     .venv/bin/python tools/render_book.py [--project DIR] [--out DIR] [--chapter 04]
+    .venv/bin/python tools/render_book.py --check-notebooks   # `make book`, before nbdev-export
 
 How it works, in the order it runs:
 
 1. Read _quarto.yml: title, subtitle, author, date, output-file, output-dir, the chapters with
    their parts, the bibliography.
-2. Each notebook becomes pandoc markdown (`notebook_markdown`): `#|` directives are read and
-   removed, hidden cells dropped, `# NBVAL_*` test markers stripped, outputs turned into fenced
-   text, images (written to media/), tables and raw HTML. nbdev's module docstring (a markdown cell
-   starting `#| export`) becomes a note titled "The module `minillm.<name>`" (the notebook's
-   `#| default_exp`); a code cell that only asserts becomes a check (a collapsed "✓ checked" in
-   HTML, a small box in the PDF). pandoc parses it into its JSON AST, one call per chapter, in a
-   thread pool. Tables that cells output (DataFrames, Markdown pipe tables) are tidied
-   (`tidy_table`): "—" for missing values, numbers right-aligned, text left-aligned.
+2. Each notebook is read by nbdev's reader (fastcore.nbio), which also reads the cells' `#|`
+   directives, and becomes pandoc markdown (`notebook_markdown`): hidden cells dropped, `# NBVAL_*`
+   markers stripped, outputs turned into fenced text, images (written to media/) and tables.
+   nbdev's module docstring (a markdown cell starting `#| export`) becomes a note titled "The
+   module `minillm.<name>`"; a code cell that only asserts becomes a check (a collapsed "✓ checked"
+   in HTML, a small box in the PDF). pandoc parses each chapter into its JSON AST (in a thread
+   pool; kept in ~/.cache/minillm/book/ast, so an unchanged chapter is not parsed again). Tables
+   that cells output are tidied (`tidy_table`): "—" for missing values, numbers right-aligned.
 3. Citations (`[@key]`, `@key`): every citation of the book is formatted in one citeproc run
-   (`cite_book`), and the bibliography becomes an unnumbered "References" chapter at the end (or
-   fills the `references` chapter, as Quarto does). Cite nodes that are `@sec-`/`@fig-` references
-   are left to step 5; an unknown key is an error naming the cell.
-4. On the AST, in Python (`number_chapter`): callouts get their title, the `> description` under
-   a chapter's title becomes its lead paragraph, chapters/sections/figures (from code cells and
-   from markdown images, e.g. `![Caption.](figures/x.svg){#fig-x}`) get their numbers, every
-   #sec-/#fig- label is recorded. Numbers are computed here, once, for both formats: the PDF shows
-   exactly the numbers the HTML shows. The prose is checked (`prose_problems`, and `html_problems`
-   on the pages): markup leaked into the text, TeX outside maths, a prime for an apostrophe; a
-   control character in a formula (a Python "\\text" that became a tab) is a warning.
+   (`cite_book`); the bibliography becomes an unnumbered "References" chapter at the end (or fills
+   the `references` chapter, as Quarto does). An unknown key is an error naming the cell.
+4. On the AST (walked with pandocfilters), in Python (`number_chapter`): callouts get their title,
+   the `> description` under a chapter's title becomes its lead paragraph, chapters, sections and
+   figures (from code cells and from markdown images, `![Caption.](figures/x.svg){#fig-x}`) get
+   their numbers, once for both formats, and every #sec-/#fig- label is recorded. The prose is
+   checked (`text_problems`, and `html_problems` on the pages): markup leaked into the text, TeX
+   outside maths, a prime for an apostrophe; a control character in a formula is a warning.
 5. With every label known, `@sec-x`, `@fig-x` and links to other chapters' notebooks become links,
    once per output format (`resolve`). An unresolved one is an error: the book never ships a "??".
-6. HTML: pandoc writes each chapter's body (maths as MathML); tools/book/page.html wraps it with
-   the sidebar, the in-page contents and prev/next links; style.css, book.js (drawer, copy buttons,
-   search box) and favicon.svg are copied beside it; Pagefind indexes the pages into pagefind/.
-   PDF: pandoc writes each chapter as Typst; one document imports tools/book/book.typ (title page,
-   contents, running headers, part pages, callouts, code and output styling, image figures that
-   float to the top or bottom of a page) and `typst.compile` makes the PDF. Its fonts are Typst's
-   own and matplotlib's, the same on every machine; for a character none of them has (語) a Debian
-   font package is added (`with_fonts`: installed, or fetched with `apt-get download` into
-   ~/.cache/minillm/fonts), and what still has no font is printed as [U+8A9E], with a warning.
+6. pandoc writes all the HTML pages in one call and all the PDF's chapters in another, at once
+   (`write_all`); Python listings are highlighted by pandoc in both (in the PDF, book.typ's
+   `Skylighting` sets them: Typst's own highlighting took most of the build). tools/book/page.html
+   wraps each page with the sidebar, the in-page contents and prev/next links; style.css, book.js
+   and favicon.svg go beside them; Pagefind indexes them while Typst typesets the PDF with
+   tools/book/book.typ (title page, contents, running headers, parts, callouts, checks, figures).
+   Its fonts are Typst's own and matplotlib's; for a character none of them has (語) a Debian font
+   package is added (`with_fonts`: installed, or fetched into ~/.cache/minillm/fonts), and what
+   still has no font is printed as [U+8A9E], with a warning.
 7. All of it is written to a temporary directory next to the output (.book-tmp-<pid>-*), which
    replaces the old book only when everything succeeded: a failed build leaves the previous book as
    it was. Directories left by a killed build are removed by the next one.
@@ -51,25 +50,22 @@ How it works, in the order it runs:
 (book/04_attention.pdf), written into the book directory beside the rest (links to chapters that
 are not in that PDF are plain text). Every chapter is still read, for the cross-references.
 
-Of _quarto.yml it reads: book.title/subtitle/author/date/output-file/chapters (with
-`part:`)/appendices, project.output-dir, bibliography, csl, number-sections, lang, and
-format.typst.papersize/toc/toc-depth (default 2). Numbering follows Quarto's defaults: the `index`
-chapter (or one whose title is `{.unnumbered}`) is an unnumbered preface, chapters are numbered 1,
-2, ..., appendices A, B, ..., sections 2.1, 2.1.1, figures per chapter ("Figure 2.1").
+Error messages name a cell as "nbs/04_attention.ipynb (cell 7, nbval Cell 3)": its index among all
+cells from 0 (Jupyter's order, as tests/test_width.py and test_anatomy.py count), and for a code
+cell nbval's name, which counts code cells only from 0 (`nbs/04_attention.ipynb::Cell 3`).
 
-Error messages name a cell by its index in the notebook counting from 0 over all cells (as Jupyter
-shows them, and as tests/test_width.py and test_anatomy.py count), and a code cell also by nbval's
-name for it, which counts code cells only from 0: "nbs/04_attention.ipynb (cell 7, nbval Cell 3)"
-is `nbs/04_attention.ipynb::Cell 3` in pytest's output.
-
-Quarto features it does not support (the chapters do not use them): executing code; `{{< shortcodes
->}}`; cross-references other than @sec- and @fig- (no @tbl-, @eq-, @lst-, theorem or callout
-references; an unresolved one is an error); `crossref:` options (names, prefixes); sub-figures (a
-labelled cell with several images numbers its first); `part:` given as a file; the other `format:`
-options (code folding, margin content, tabsets, themes, typst `section-numbering`);
-JavaScript/widget outputs (their text/plain is shown instead), and in the PDF any HTML output that
-is not a table; `.qmd`/`.md` chapters are read as plain pandoc markdown (their code chunks shown,
-not run).
+Of _quarto.yml it reads: book.title/subtitle/author/date/output-file/chapters (with `part:`)/
+appendices, project.output-dir, bibliography, csl, number-sections, lang, format.typst.papersize/
+toc/toc-depth. Numbering follows Quarto: the `index` chapter (or one titled `{.unnumbered}`) is an
+unnumbered preface, chapters 1, 2, ..., appendices A, B, ..., sections 2.1, figures "Figure 2.1".
+Cell options it knows: `#| hide`, `include: false`, `echo: false`, `output: false`, `label: fig-x`
+with `fig-cap`, nbdev's `export` and `default_exp`; in markdown `::: {.content-visible
+when-format="html"}` and callouts. The rest of Quarto is not supported (the chapters do not use it):
+executing code, shortcodes, references other than @sec-/@fig- (an error), `crossref:` options,
+sub-figures, other cell options (`fig-alt`, `output: asis`, `warning`), raw cells, cell attachments,
+`content-hidden`, `unless-format`, the other `format:` options, JavaScript/widget outputs (their
+text/plain is shown) and, in the PDF, HTML outputs other than tables. A `.qmd`/`.md` chapter is
+read as plain pandoc markdown.
 """
 
 import argparse
@@ -602,13 +598,14 @@ def pandoc_path():
 def pandoc(text, src, dst, where, *args, cache=False):
     """pandoc's conversion of `text`. With `cache`, the result is kept in cache_dir()/ast, named by
     a hash of pandoc, the conversion and the text: a chapter that did not change since the last
-    build is not parsed again (every chapter is read on every build, for the cross-references)."""
+    build is not parsed again (every chapter is read on every build, for the cross-references).
+    What no build used for a day is removed (`prune_cache`)."""
     cmd = [pandoc_path(), "-f", src, "-t", dst, *args]
     if cache:
         key = hashlib.sha256(json.dumps([pandoc_version(), cmd[1:], text]).encode()).hexdigest()
         path = cache_dir() / "ast" / f"{key}.{dst}"
-        USED.add(path)
         try:
+            os.utime(path)  # used now
             return path.read_text(encoding="utf-8")
         except OSError:
             pass
@@ -631,19 +628,19 @@ def pandoc(text, src, dst, where, *args, cache=False):
     return r.stdout.decode("utf-8")
 
 
-USED = set()  # the cache files of this build: the others are removed at its end (`prune_cache`)
-
-
 @functools.lru_cache(maxsize=None)
 def pandoc_version():
     return subprocess.run([pandoc_path(), "--version"], capture_output=True, text=True).stdout
 
 
 def prune_cache():
-    "Remove the cached conversions this build did not use (chapters as they were before an edit)."
+    "Remove the cached conversions no build used for a day (chapters as they were before an edit)."
     for f in (cache_dir() / "ast").glob("*"):
-        if f not in USED and time.time() - f.stat().st_mtime > 60:
-            f.unlink(missing_ok=True)
+        try:
+            if time.time() - f.stat().st_mtime > 86400:
+                f.unlink()
+        except OSError:  # another build removed it
+            pass
 
 
 SPLIT = "minillm-chapter-split"

@@ -10,28 +10,27 @@ numbers, the model and training configs, the parameter count, tokens seen, wall 
 The checkpoint itself stays out of git.
 """
 
-import argparse
 import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from fastcore.script import call_parse
 
 from minillm.data import atomic_write_text, load_corpus, train_val_split
-from minillm.train import evaluate_bpc, find_checkpoint, hardware, load_run
+from minillm.train import evaluate_bpc, find_checkpoint, load_run
+from minillm.train import hardware as this_machine
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("run_dir"), ap.add_argument("out"), ap.add_argument("--note", default="")
-    ap.add_argument(
-        "--hardware",
-        default="",
-        help="what trained it, for a run stopped part-way (default: this machine)",
-    )
-    args = ap.parse_args(argv)
-    run = Path(args.run_dir)
+@call_parse
+def main(
+    run_dir: str,  # the run directory (with ckpt/)
+    out: str,  # the JSON file to write
+    note: str = "",  # a note stored with the numbers
+    hardware: str = "",  # what trained it, for a run stopped part-way (empty: this machine)
+):
+    run = Path(run_dir)
     ckpt = find_checkpoint(run / "ckpt")
     if ckpt is None:
         sys.exit(f"{run}: no checkpoint in {run / 'ckpt'}")
@@ -44,11 +43,11 @@ def main(argv=None):
     else:  # stopped part-way: evaluate its last checkpoint here
         final, hw = (
             evaluate_bpc(model, tok, train_val_split(load_corpus())[1]),
-            args.hardware or hardware("cpu"),
+            hardware or this_machine("cpu"),
         )
     cfg = state["train_config"]
-    out = {
-        "note": args.note,
+    summary = {
+        "note": note,
         "step": state["step"],
         "max_steps": cfg["max_steps"],
         "seconds": state["seconds"],
@@ -61,11 +60,6 @@ def main(argv=None):
         "hardware": hw,
         "torch": torch.__version__,
     }
-    atomic_write_text(Path(args.out), json.dumps(out, indent=1))
-    print(
-        f"{args.out}: step {out['step']}/{out['max_steps']}, {final['bits_per_char']:.3f} bits/char"
-    )
-
-
-if __name__ == "__main__":
-    main()
+    atomic_write_text(Path(out), json.dumps(summary, indent=1))
+    step, bpc = f"{summary['step']}/{summary['max_steps']}", final["bits_per_char"]
+    print(f"{out}: step {step}, {bpc:.3f} bits/char")
