@@ -3,14 +3,15 @@
 validation split, exactly as `benchmarks/quality.py` scores ours.
 
 The budget is FLOPs, not seconds: the machine the book is written on is shared, and a wall-clock
-budget there measures the neighbours' load as much as the recipe (a 200-second run under a load of
-4 got 193 steps instead of ~1,700). Each variant gets as many steps as its training FLOPs per step
-(`flops_per_token(cfg, T, training=True)` times the tokens of a step) allow within `--base-steps`
-steps of `austen-tiny`, so its result does not depend on the load or the thread count; the winner
-is then checked against nanoGPT on the wall clock by `benchmarks/quality.py --nanogpt-dir DIR`. One
-factor at a time: learning rate, tokenizer size, batch and context, width. Each run appends its
-record to `--out` (default `nbs/results/quality_sweep.json`) as soon as it ends. The tokenizers are
-trained (or read from the cache) first, as nanoGPT's `prepare.py` runs before its `train.py`.
+budget there measures the neighbours' load as much as the recipe (one 200-second run of
+`austen-tiny` under a load of 4 to 7 on 2 cores got 193 steps and ran 822 s). Each variant gets as
+many steps as its training FLOPs per step (`flops_per_token(cfg, T, training=True)` times the tokens
+of a step) allow within `--base-steps` steps of `austen-tiny`, so its result does not depend on the
+load or the thread count; the winner is then checked against nanoGPT on the wall clock by
+`benchmarks/quality.py --nanogpt-dir DIR`. One factor at a time (learning rate, tokenizer size,
+batch and context, width), then the factors that helped, combined. Each run appends its record to
+`--out` (default `nbs/results/quality_sweep.json`) as soon as it ends. The tokenizers are trained
+(or read from the cache) first, as nanoGPT's `prepare.py` runs before its `train.py`.
 
     .venv/bin/python benchmarks/quality_sweep.py [--base-steps 400] [--threads 1] [--only A,B]
         [--out nbs/results/quality_sweep.json]
@@ -43,6 +44,10 @@ VARIANTS = {
     "context 64 + batch 32": ({}, dict(context_length=64), dict(context_length=64, batch_size=32)),
     "width 192": ({}, dict(n_embd=192, n_head=4), {}),
     "6 layers": ({}, dict(n_layer=6), {}),
+    # the two factors that helped, combined
+    "BPE-2048 + batch 8": (dict(vocab_size=2048), {}, dict(batch_size=8)),
+    "BPE-2048 + batch 4": (dict(vocab_size=2048), {}, dict(batch_size=4)),
+    "BPE-4096 + batch 8": (dict(vocab_size=4096), {}, dict(batch_size=8)),
 }
 
 

@@ -78,8 +78,7 @@ def _as_batch(idx) -> torch.Tensor:
     return (t[None] if t.ndim == 1 else t).long()
 
 # %% ../nbs/06_generate.ipynb #70661521
-@torch.inference_mode()
-def stream(
+def _stream(
     model,
     idx,
     max_new_tokens: int,
@@ -90,15 +89,7 @@ def stream(
     seed: int | None = None,
     use_cache: bool = True,
 ) -> Iterator[torch.Tensor]:
-    """Generate from `model` after the prompt `idx` (`(B, T)` ids, or a list for one sequence),
-    yielding each new token as it is made, a `(B,)` tensor. The model sees at most its last
-    `context_length` tokens: a longer prompt is cropped to its end, and once the text outgrows the
-    context each step recomputes the last `context_length` tokens (the KV cache only serves while
-    everything fits). A row that emits one of `stop_tokens` has finished: it repeats that token
-    while the others go on, and the generation ends when every row has finished. `seed` makes
-    sampling reproducible; `temperature=0` is greedy. With and without the cache the logits are
-    equal in exact arithmetic; in floating point they can differ in the last bits, which can change
-    a token only where two candidates are almost tied."""
+    "The loop of `stream`, without its `torch.inference_mode()`: the caller provides it."
     _check_sampling(max_new_tokens, temperature, top_k, top_p)
     idx = _as_batch(idx).to(model.lm_head.weight.device)
     ctx = model.config.context_length
@@ -134,11 +125,42 @@ def stream(
             return
 
 
+def stream(
+    model,
+    idx,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_tokens: Sequence[int] = (),
+    seed: int | None = None,
+    use_cache: bool = True,
+) -> Iterator[torch.Tensor]:
+    """Generate from `model` after the prompt `idx` (`(B, T)` ids, or a list for one sequence),
+    yielding each new token as it is made, a `(B,)` tensor. The model sees at most its last
+    `context_length` tokens: a longer prompt is cropped to its end, and once the text outgrows the
+    context each step recomputes the last `context_length` tokens (the KV cache only serves while
+    everything fits). A row that emits one of `stop_tokens` has finished: it repeats that token
+    while the others go on, and the generation ends when every row has finished. `seed` makes
+    sampling reproducible; `temperature=0` is greedy. With and without the cache the logits are
+    equal in exact arithmetic; in floating point they can differ in the last bits, which can change
+    a token only where two candidates are almost tied."""
+    args = (model, idx, max_new_tokens, temperature, top_k, top_p, stop_tokens, seed, use_cache)
+    gen = _stream(*args)
+    while True:  # inference mode while the loop runs, not while the caller holds a token
+        with torch.inference_mode():
+            nxt = next(gen, None)
+        if nxt is None:
+            return
+        yield nxt
+
+
 def generate(model, idx, max_new_tokens: int, **kwargs) -> torch.Tensor:
     """The prompt `idx` and its continuation, `(B, T + n)` with `n <= max_new_tokens`; the arguments
     of `stream`."""
     idx = _as_batch(idx)
-    new = list(stream(model, idx, max_new_tokens, **kwargs))
+    with torch.inference_mode():  # entered once, not once per token as by `stream`
+        new = list(_stream(model, idx, max_new_tokens, **kwargs))
     return torch.cat([idx, torch.stack(new, dim=1).to(idx.device)], dim=1) if new else idx
 
 # %% ../nbs/06_generate.ipynb #9427c3fd

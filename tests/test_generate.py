@@ -167,6 +167,21 @@ def test_stream_yields_one_token_per_step_lazily(prompt):
     )
 
 
+def test_inference_mode_inside_the_steps_not_in_the_caller(prompt):
+    """`stream` runs each step in inference mode and leaves it before handing the token over;
+    `generate` enters it once for the whole loop and gives the same tokens."""
+    model = _model()
+    modes = []
+    model.register_forward_hook(lambda m, i, o: modes.append(torch.is_inference_mode_enabled()))
+    got = []
+    for t in stream(model, prompt, 5, temperature=0, seed=0):
+        assert not torch.is_inference_mode_enabled()  # the caller's code between two steps
+        got.append(t)
+    assert modes == [True] * 5
+    assert torch.equal(torch.stack(got, 1), generate(model, prompt, 5, temperature=0)[:, 7:])
+    assert not torch.is_inference_mode_enabled()
+
+
 def test_prompt_forms_and_zero_tokens():
     model = _model()
     assert generate(model, [1, 2, 3], 4, temperature=0).shape == (1, 7)

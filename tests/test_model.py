@@ -459,8 +459,6 @@ def test_own_checkpoint_of_another_shape_is_refused_naming_what_differs(tmp_path
     with pytest.raises(ValueError, match=r"checkpoint of another model; differs in n_embd=32 "):
         load_checkpoint(tmp_path / "a", other)
     save_checkpoint(tmp_path / "b", src, opt, {"step": 0})  # no config recorded: shapes decide
-    with pytest.raises(
-        ValueError, match=r"tensor \S+ has shape \(96,\), the model's is \(192,\)"
-    ):
+    with pytest.raises(ValueError, match=r"tensor \S+ has shape \(96,\), the model's is \(192,\)"):
         load_checkpoint(tmp_path / "b", other)
     assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())  # untouched

@@ -595,14 +595,16 @@ def pandoc_path():
     return need("pypandoc", "pypandoc-binary").get_pandoc_path()
 
 
-def pandoc(text, src, dst, where, *args, cache=False):
-    """pandoc's conversion of `text`. With `cache`, the result is kept in cache_dir()/ast, named by
-    a hash of pandoc, the conversion and the text: a chapter that did not change since the last
-    build is not parsed again (every chapter is read on every build, for the cross-references).
+def pandoc(text, src, dst, where, *args, cache=None):
+    """pandoc's conversion of `text`. With `cache` (True, or a list of the texts of the files the
+    conversion reads), the result is kept in cache_dir()/ast, named by a hash of pandoc, the
+    conversion and the texts: a chapter that did not change since the last build is not parsed
+    again (every chapter is read on every build, for the cross-references).
     What no build used for a day is removed (`prune_cache`)."""
     cmd = [pandoc_path(), "-f", src, "-t", dst, *args]
     if cache:
-        key = hashlib.sha256(json.dumps([pandoc_version(), cmd[1:], text]).encode()).hexdigest()
+        key = [pandoc_version(), cmd[1:], text, cache]
+        key = hashlib.sha256(json.dumps(key).encode()).hexdigest()
         path = cache_dir() / "ast" / f"{key}.{dst}"
         try:
             os.utime(path)  # used now
@@ -661,7 +663,7 @@ def write_all(asts, fmt, api_version, listings=()):
     with concurrent.futures.ThreadPoolExecutor(1) as pool:  # two pandoc processes at once
         calls = pool.submit(typst_listings, listings, api_version)
         out = pandoc(doc, "json", fmt, "the book", "--wrap=preserve")
-        out = typst_symbols(LISTING.sub(lambda m: calls.result()[int(m[1])], out))
+        out = LISTING.sub(lambda m: calls.result()[int(m[1])], typst_symbols(out))
     return out.split(mark + "\n")[1:]
 
 
@@ -803,7 +805,8 @@ def bibliography_keys(book: Book):
     readers = {".bib": "biblatex", ".bibtex": "bibtex", ".json": "csljson", ".yaml": "markdown"}
     for path in book.bibliography:
         src = readers.get(path.suffix.lower(), "biblatex")
-        items = json.loads(pandoc(path.read_text(encoding="utf-8"), src, "csljson", str(path.name)))
+        bib = path.read_text(encoding="utf-8")
+        items = json.loads(pandoc(bib, src, "csljson", str(path.name), cache=True))
         keys |= {item["id"] for item in items}
     return keys
 
@@ -847,7 +850,9 @@ def cite_book(book: Book, cites, api_version):
     args = ["--citeproc", f"--metadata=lang:{book.lang}"]
     args += [f"--bibliography={b}" for b in book.bibliography]
     args += [f"--csl={book.csl}"] if book.csl else []
-    out = json.loads(pandoc(json.dumps(doc), "json", "json", "the citations", *args))["blocks"]
+    files = [b.read_text(encoding="utf-8") for b in book.bibliography + [book.csl] if b]
+    out = pandoc(json.dumps(doc), "json", "json", "the citations", *args, cache=files)
+    out = json.loads(out)["blocks"]
     if len(out) != len(blocks) or any(
         b["t"] != "Para" or b["c"][0]["t"] != "Cite" for b in out[:-1]
     ):
@@ -1659,6 +1664,7 @@ def render(project=".", out=None, chapter=None) -> Result:
     try:
         with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
             keys = pool.submit(bibliography_keys, book)
+            pool.submit(font_coverage, tuple(font_paths()))  # for `with_fonts`, meanwhile
             api_version = list(
                 pool.map(lambda ch: parse_chapter(ch, tmp, book.lib_name), book.chapters)
             )[0]
