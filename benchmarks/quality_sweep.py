@@ -43,7 +43,6 @@ VARIANTS = {
     "batch 8": ({}, {}, dict(batch_size=8)),
     "context 64 + batch 32": ({}, dict(context_length=64), dict(context_length=64, batch_size=32)),
     "width 192": ({}, dict(n_embd=192, n_head=4), {}),
-    "6 layers": ({}, dict(n_layer=6), {}),
     # the two factors that helped, combined
     "BPE-2048 + batch 8": (dict(vocab_size=2048), {}, dict(batch_size=8)),
     "BPE-2048 + batch 4": (dict(vocab_size=2048), {}, dict(batch_size=4)),

@@ -42,8 +42,6 @@ import torch.nn.functional as F
 from minillm.finetune import (
     Classifier,
     answers,
-    device_of,
-    evaluating,
     finetune_loop,
     logits_and_hidden,
     pad,
@@ -51,6 +49,7 @@ from minillm.finetune import (
 )
 from .tasks import check_answer, fact_questions
 from .tokenizer import encode_chat
+from .train import device_of, evaluating
 
 # %% ../nbs/12_align.ipynb #c13c7c2d
 def fact_preferences(n_train: int = 3, seed: int = 0) -> tuple[list[dict], list[dict]]:

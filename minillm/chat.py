@@ -24,7 +24,7 @@ __all__ = ['HELP', 'split_turns', 'fit_history', 'prompt_ids', 'reply', 'chat_lo
 # %% ../nbs/15_chat.ipynb #60623a97
 from typing import Iterator
 
-from .finetune import check_positive_int
+from .embeddings import check_positive_int
 from .generate import stream_text
 from .tokenizer import SPECIAL_TOKENS, encode_chat
 

@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 
 from .data import TITLES, load_corpus, train_val_split
-from .finetune import CHAT_TOKENS, answers, check_positive_int, evaluating, pad
+from .embeddings import check_positive_int
+from .finetune import CHAT_TOKENS, answers, pad
 from .generate import generate
 from .sandbox import PROBLEMS, evaluate_pass_at_k
 from minillm.tasks import (
@@ -48,7 +49,7 @@ from minillm.tasks import (
     instruction_examples,
 )
 from .tokenizer import encode_chat
-from .train import bpc_summary, evaluate_bpc
+from .train import bpc_summary, evaluate_bpc, evaluating
 
 # %% ../nbs/14_evaluate.ipynb #27763bfc
 def sliding_window_bpc(

@@ -76,3 +76,31 @@ def tiny_gpt(chat_tok):
     return GPT(
         GPTConfig(vocab_size=chat_tok.vocab_size, n_layer=2, n_head=2, n_embd=32, context_length=64)
     )
+
+
+def _deviceless_to_meta():
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._device import _device_constructors
+
+    class DevicelessToMeta(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            made = func in _device_constructors() and not (
+                args and isinstance(args[0], torch.Tensor)
+            )
+            if made and kwargs.get("device") is None:
+                kwargs["device"] = "meta"
+            return func(*args, **kwargs)
+
+    return DevicelessToMeta()
+
+
+@pytest.fixture
+def strict_device():
+    """`with strict_device(): ...`: a new tensor made without a device goes to `meta`, while the
+    model stays on the CPU: if the code forgets to make a tensor where the model is, it meets the
+    model's tensors and raises, as it would on a GPU (and a `meta` tensor has no data to read or
+    copy: `.tolist()`, `.item()` and `.to()` raise too). Tensors made with an explicit device, and
+    conversions of tensors, are left alone. Used by the fine-tuning, alignment and evaluation
+    tests."""
+    return _deviceless_to_meta

@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-from test_finetune import strict_device
 
 from minillm.align import (
     GRPOConfig,
@@ -139,7 +138,7 @@ def test_reward_is_the_one_output_of_a_classifier(model, tok):
     )
 
 
-def test_every_function_keeps_its_tensors_where_the_model_is(model, tok):
+def test_every_function_keeps_its_tensors_where_the_model_is(model, tok, strict_device):
     ref, rm = copy.deepcopy(model).eval(), Classifier(copy.deepcopy(model), 1, zero_head=True)
     value_head = ValueHead(32)
     pairs = [dict(prompt="Whom does Emma marry?", chosen="Mr. Knightley", rejected="Mr. Darcy")]

@@ -10,6 +10,7 @@ import torch
 from minillm.embeddings import (
     TokenDataset,
     apply_rope,
+    check_positive_int,
     make_loader,
     random_batch,
     rope_cos_sin,
@@ -266,3 +267,13 @@ def test_rope_bad_inputs():
     with pytest.raises(ValueError, match=r"slice the tables"):
         apply_rope(torch.zeros(1, 2, 10, 8), cos, sin)  # tables for 16 positions, x has 10
     apply_rope(torch.zeros(1, 2, 10, 8), cos[:10], sin[:10])
+
+
+def test_check_positive_int():
+    assert check_positive_int("n", 3) == 3 and check_positive_int("n", 5, at_most=5) == 5
+    assert check_positive_int("n", np.int64(2)) == 2  # a NumPy integer is an integer
+    for bad in (0, -1, 2.0, True, "3", None):
+        with pytest.raises(ValueError, match="must be a positive integer"):
+            check_positive_int("n", bad)
+    with pytest.raises(ValueError, match=r"r=9: must be an integer in \[1, 8\]"):
+        check_positive_int("r", 9, at_most=8)

@@ -8,7 +8,6 @@ import random
 
 import pytest
 import torch
-from test_finetune import strict_device
 
 from minillm.evaluate import (
     COLUMNS,
@@ -392,7 +391,7 @@ def test_question_items_formats(model, tok):
         question_items(tok, [item], "QA")
 
 
-def test_every_function_keeps_its_tensors_where_the_model_is(model, tok):
+def test_every_function_keeps_its_tensors_where_the_model_is(model, tok, strict_device):
     items = [dict(context="It is a truth", choices=[" universally", " fortune"], label=0)]
     with strict_device():
         assert len(score_choices(model, tok, "It is a truth", [" universally", " a"])) == 2

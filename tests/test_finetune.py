@@ -3,12 +3,9 @@ batches with the loss mask, answering prompts, LoRA; and every function's tensor
 is."""
 
 import copy
-from contextlib import contextmanager
 
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
-from torch.utils._device import _device_constructors
 
 from minillm.finetune import (
     Classifier,
@@ -17,8 +14,6 @@ from minillm.finetune import (
     add_lora,
     answer_loss,
     answers,
-    check_positive_int,
-    evaluating,
     finetune,
     finetune_loop,
     hidden_states,
@@ -131,27 +126,7 @@ def test_lora_bad_input(model):
         LoRALinear(torch.nn.Linear(4, 4), r=0)
 
 
-class _DevicelessToMeta(TorchFunctionMode):
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        made = func in _device_constructors() and not (args and isinstance(args[0], torch.Tensor))
-        if made and kwargs.get("device") is None:
-            kwargs["device"] = "meta"
-        return func(*args, **kwargs)
-
-
-@contextmanager
-def strict_device():
-    """A new tensor made without a device goes to `meta`, while the model stays on the CPU: if the
-    code forgets to make a tensor where the model is, it meets the model's tensors and raises, as it
-    would on a GPU (and a `meta` tensor has no data to read or copy: `.tolist()`, `.item()` and
-    `.to()` raise too). Tensors made with an explicit device, and conversions of tensors, are left
-    alone."""
-    with _DevicelessToMeta():
-        yield
-
-
-def test_every_function_keeps_its_tensors_where_the_model_is(model, tok):
+def test_every_function_keeps_its_tensors_where_the_model_is(model, tok, strict_device):
     recs = [dict(prompt="Which novel?", response="Emma"), dict(prompt="Who?", response="Mr. Darcy")]
     examples = [dict(text="Mr. Darcy said so.", label=1), dict(text="Emma.", label=0)]
     clf = Classifier(copy.deepcopy(model), 2)
@@ -183,26 +158,6 @@ def test_finetune_loop_draws_seeded_batches_and_follows_the_schedule():
     seen.clear()
     finetune_loop([torch.nn.Parameter(torch.zeros(1))], list(range(10)), batch_loss, 5, 3, 0.1, 1)
     assert seen != first
-
-
-def test_evaluating_restores_the_mode_and_turns_off_gradients(model):
-    model.train()
-    with evaluating(model) as device:
-        assert not model.training and not torch.is_grad_enabled() and device.type == "cpu"
-    assert model.training and torch.is_grad_enabled()
-    model.eval()
-    with pytest.raises(RuntimeError), evaluating(model):
-        raise RuntimeError("inside")
-    assert not model.training
-
-
-def test_check_positive_int():
-    assert check_positive_int("n", 3) == 3 and check_positive_int("n", 5, at_most=5) == 5
-    for bad in (0, -1, 2.0, True, "3", None):
-        with pytest.raises(ValueError, match="must be a positive integer"):
-            check_positive_int("n", bad)
-    with pytest.raises(ValueError, match=r"r=9: must be an integer in \[1, 8\]"):
-        check_positive_int("r", 9, at_most=8)
 
 
 def test_answers_are_greedy_batched_and_cropped(model, tok):

@@ -26,6 +26,7 @@ from minillm.train import (
     bits_per_char,
     configure_optimizer,
     evaluate_bpc,
+    evaluating,
     find_checkpoint,
     load_checkpoint,
     lr_at,
@@ -443,14 +444,14 @@ def test_waiting_for_the_run_lock_says_so(tmp_path, capsys):
     import threading
     import time
 
-    from minillm.train import _locked
+    from minillm.train import run_lock
 
     lock = tmp_path / "run" / ".lock"
     lock.parent.mkdir()
     with open(lock, "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)  # another training process holds the run
         done = []
-        t = threading.Thread(target=lambda: done.append(_locked(lock).__enter__()))
+        t = threading.Thread(target=lambda: done.append(run_lock(lock).__enter__()))
         t.start()
         time.sleep(0.3)
         assert not done  # still waiting
@@ -567,3 +568,15 @@ def test_pretraining_tokens_put_the_end_token_between_the_novels(monkeypatch):
     before = run_dir("austen-tiny")
     monkeypatch.setattr(minillm.train, "DATA_VERSION", minillm.train.DATA_VERSION + 1)
     assert run_dir("austen-tiny") != before
+
+
+def test_evaluating_restores_the_mode_and_turns_off_gradients():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5)).train()
+    with evaluating(model) as device:
+        assert not model.training and not model[1].training and not torch.is_grad_enabled()
+        assert device.type == "cpu"
+    assert model.training and model[1].training and torch.is_grad_enabled()
+    model.eval()
+    with pytest.raises(RuntimeError), evaluating(model):
+        raise RuntimeError("inside")
+    assert not model.training and torch.is_grad_enabled()
