@@ -7,7 +7,7 @@ task and split) or from a small hand-written table of facts, so a reader who rer
 gets the same data set. Each novel is cut once, at a paragraph break 80% of the way in: task
 examples for training come from the first part, test examples from the rest, so no test passage
 was ever a training example. Answers are short strings compared after normalising case, spaces
-and final punctuation (`check_answer`). Records are plain JSON lines; a malformed line is
+and a final '.' or '!' (`check_answer`). Records are plain JSON lines; a malformed line is
 reported with its file and line number, and either refused or skipped (`read_jsonl`). Limits: the
 speaker task finds speakers with a regular expression over `"...," said X` and misses every line
 whose speaker is implied; the facts are ours, written from the novels, and few; the pretrained
