@@ -1,77 +1,53 @@
 #!/usr/bin/env python3
 """Render the book without Quarto: _quarto.yml + the chapter notebooks -> book/minillm.pdf and
-book/*.html.
-
-`make book` runs `quarto render` where Quarto is installed, and this script otherwise. It reads the
-same _quarto.yml and makes the same two outputs with tools from the venv: pandoc (pypandoc-binary)
-parses and writes, Typst (the `typst` package) typesets the PDF, Pagefind (`pagefind[bin]`) indexes
-the HTML pages for search. Nothing is executed: the book shows the outputs stored in the notebooks.
+book/*.html, with pandoc (pypandoc-binary), Typst (`typst`) and Pagefind (`pagefind[bin]`) from the
+venv. Nothing is executed: the book shows the outputs stored in the notebooks.
 
     .venv/bin/python tools/render_book.py [--project DIR] [--out DIR] [--chapter 04]
     .venv/bin/python tools/render_book.py --check-notebooks   # `make book`, before nbdev-export
 
-How it works, in the order it runs:
+1. `read_config`: title, subtitle, author, date, output-file, output-dir, chapters with their parts,
+   appendices, bibliography, csl, number-sections, lang, format.typst.papersize/toc/toc-depth.
+2. `notebook_markdown`: each notebook, read by nbdev's reader (fastcore.nbio, which also reads the
+   `#|` directives), becomes pandoc markdown: `#| hide`/`include: false`/`echo: false`/`output:
+   false` honoured, `# NBVAL_*` markers stripped, outputs as fenced text, images (into media/) and
+   tables ("—" for missing values); nbdev's module docstring (a markdown cell starting `#| export`)
+   is a note "The module `minillm.x`"; a cell of nothing but asserts is a check (collapsed
+   "✓ checked" in HTML, a small box in the PDF). pandoc parses each chapter (in threads; cached by
+   content in ~/.cache/minillm/book/ast).
+3. `cite_book`: every citation in one citeproc run; the bibliography is an unnumbered "References"
+   chapter at the end (or fills a `references` chapter). An unknown key is an error naming the cell.
+4. `number_chapter` (pandocfilters walks): callouts, the `> lead` under the title, numbers of
+   chapters (1, 2, ...; appendices A, B, ...; `index` unnumbered), sections and figures (code cells
+   with `#| label: fig-x` + `fig-cap`, and `![Caption.](figures/x.svg){#fig-x}`); every #sec-/#fig-
+   label recorded. The prose is checked (`text_problems`): markup leaked as text, TeX outside
+   maths, a prime for an apostrophe; a control character in a formula is a warning.
+5. `resolve`: per format, `@sec-x`, `@fig-x` and links to other chapters' notebooks become links;
+   an unresolved one is an error (the book never ships a "??").
+6. `write_all`: pandoc writes all HTML pages in one call and all the PDF's chapters in another, at
+   once; Python listings are highlighted by pandoc (book.typ's `Skylighting` sets them). Pages are
+   wrapped by tools/book/page.html; Pagefind indexes them while Typst typesets the PDF with
+   tools/book/book.typ. Fonts: Typst's own and matplotlib's; for CJK a Debian font package
+   (`with_fonts`: installed, or fetched into ~/.cache/minillm/fonts); a character still without a
+   font shows as [U+8A9E], with a warning.
+7. Everything is written to .book-tmp-<pid>-* next to the output, which replaces the old book only
+   when all succeeded; directories left by a killed build are removed by the next one.
 
-1. Read _quarto.yml: title, subtitle, author, date, output-file, output-dir, the chapters with
-   their parts, the bibliography.
-2. Each notebook is read by nbdev's reader (fastcore.nbio), which also reads the cells' `#|`
-   directives, and becomes pandoc markdown (`notebook_markdown`): hidden cells dropped, `# NBVAL_*`
-   markers stripped, outputs turned into fenced text, images (written to media/) and tables.
-   nbdev's module docstring (a markdown cell starting `#| export`) becomes a note titled "The
-   module `minillm.<name>`"; a code cell that only asserts becomes a check (a collapsed "✓ checked"
-   in HTML, a small box in the PDF). pandoc parses each chapter into its JSON AST (in a thread
-   pool; kept in ~/.cache/minillm/book/ast, so an unchanged chapter is not parsed again). Tables
-   that cells output are tidied (`tidy_table`): "—" for missing values, numbers right-aligned.
-3. Citations (`[@key]`, `@key`): every citation of the book is formatted in one citeproc run
-   (`cite_book`); the bibliography becomes an unnumbered "References" chapter at the end (or fills
-   the `references` chapter, as Quarto does). An unknown key is an error naming the cell.
-4. On the AST (walked with pandocfilters), in Python (`number_chapter`): callouts get their title,
-   the `> description` under a chapter's title becomes its lead paragraph, chapters, sections and
-   figures (from code cells and from markdown images, `![Caption.](figures/x.svg){#fig-x}`) get
-   their numbers, once for both formats, and every #sec-/#fig- label is recorded. The prose is
-   checked (`text_problems`, and `html_problems` on the pages): markup leaked into the text, TeX
-   outside maths, a prime for an apostrophe; a control character in a formula is a warning.
-5. With every label known, `@sec-x`, `@fig-x` and links to other chapters' notebooks become links,
-   once per output format (`resolve`). An unresolved one is an error: the book never ships a "??".
-6. pandoc writes all the HTML pages in one call and all the PDF's chapters in another, at once
-   (`write_all`); Python listings are highlighted by pandoc in both (in the PDF, book.typ's
-   `Skylighting` sets them: Typst's own highlighting took most of the build). tools/book/page.html
-   wraps each page with the sidebar, the in-page contents and prev/next links; style.css, book.js
-   and favicon.svg go beside them; Pagefind indexes them while Typst typesets the PDF with
-   tools/book/book.typ (title page, contents, running headers, parts, callouts, checks, figures).
-   Its fonts are Typst's own and matplotlib's; for a character none of them has (語) a Debian font
-   package is added (`with_fonts`: installed, or fetched into ~/.cache/minillm/fonts), and what
-   still has no font is printed as [U+8A9E], with a warning.
-7. All of it is written to a temporary directory next to the output (.book-tmp-<pid>-*), which
-   replaces the old book only when everything succeeded: a failed build leaves the previous book as
-   it was. Directories left by a killed build are removed by the next one.
+`--chapter 04` renders one chapter for its author: its HTML page and a PDF of it alone, beside the
+rest of the book (every chapter is still read, for the cross-references).
 
-`--chapter 04` renders one chapter for its author: its HTML page and a PDF of it alone
-(book/04_attention.pdf), written into the book directory beside the rest (links to chapters that
-are not in that PDF are plain text). Every chapter is still read, for the cross-references.
-
-Error messages name a cell as "nbs/04_attention.ipynb (cell 7, nbval Cell 3)": its index among all
-cells from 0 (Jupyter's order, as tests/test_width.py and test_anatomy.py count), and for a code
-cell nbval's name, which counts code cells only from 0 (`nbs/04_attention.ipynb::Cell 3`).
-
-Of _quarto.yml it reads: book.title/subtitle/author/date/output-file/chapters (with `part:`)/
-appendices, project.output-dir, bibliography, csl, number-sections, lang, format.typst.papersize/
-toc/toc-depth. Numbering follows Quarto: the `index` chapter (or one titled `{.unnumbered}`) is an
-unnumbered preface, chapters 1, 2, ..., appendices A, B, ..., sections 2.1, figures "Figure 2.1".
-Cell options it knows: `#| hide`, `include: false`, `echo: false`, `output: false`, `label: fig-x`
-with `fig-cap`, nbdev's `export` and `default_exp`; in markdown `::: {.content-visible
-when-format="html"}` and callouts. The rest of Quarto is not supported (the chapters do not use it):
-executing code, shortcodes, references other than @sec-/@fig- (an error), `crossref:` options,
-sub-figures, other cell options (`fig-alt`, `output: asis`, `warning`), raw cells, cell attachments,
-`content-hidden`, `unless-format`, the other `format:` options, JavaScript/widget outputs (their
-text/plain is shown) and, in the PDF, HTML outputs other than tables. A `.qmd`/`.md` chapter is
-read as plain pandoc markdown.
+Errors name a cell as "nbs/04_attention.ipynb (cell 7, nbval Cell 3)": its index among all cells
+from 0 (Jupyter's order) and, for a code cell, nbval's name (code cells only, from 0). Also
+supported: callouts, `::: {.content-visible when-format="html"}`, `.qmd`/`.md` chapters (plain
+pandoc markdown). Not supported (no chapter uses them): executing code, shortcodes, references other
+than @sec-/@fig-, `crossref:` options, sub-figures, other cell options, raw cells, attachments.
 """
 
 import argparse
+import ast
 import base64
 import concurrent.futures
-import datetime
+import contextlib
 import functools
 import hashlib
 import html
@@ -90,16 +66,11 @@ from pathlib import Path
 from urllib.parse import unquote
 
 import pandocfilters as pf
+import tomllib
 from pandocfilters import Div, Link, Plain, RawBlock, RawInline, Space, Span, Str, stringify
 
 TEMPLATES = Path(__file__).resolve().parent / "book"
-CALLOUTS = {
-    "note": "Note",
-    "tip": "Tip",
-    "warning": "Warning",
-    "important": "Important",
-    "caution": "Caution",
-}
+CALLOUTS = ("note", "tip", "warning", "important", "caution")
 # Quarto's cross-reference prefixes: `@tbl-x` is a reference (only @sec- and @fig- are supported).
 CROSSREF_PREFIXES = "sec fig tbl eq lst thm lem cor prp cnj def exm exr nte tip wrn imp cau".split()
 # Which output a cell shows of the mime types it stored, best first. The PDF cannot show HTML,
@@ -132,9 +103,8 @@ def need(module, what):
         return __import__(module)
     except ImportError:
         raise BookError(
-            f"the Python package `{what}` is missing: "
-            "`pip install pypandoc-binary typst pyyaml` in the "
-            f"venv, or run `make book`, which sets up .venv"
+            f"the Python package `{what}` is missing: `pip install pypandoc-binary typst pyyaml` "
+            "in the venv, or run `make book`, which sets up .venv"
         ) from None
 
 
@@ -182,10 +152,10 @@ class Book:
     toc_depth: int
     chapters: list
     parts: list  # (number, title); number is None for "Appendices"
-    project: Path = Path(".")
-    bibliography: list = field(default_factory=list)  # .bib files, absolute paths
-    csl: Path | None = None
-    lib_name: str = ""  # nbdev's lib_name (pyproject.toml): the module note says `minillm.data`
+    project: Path
+    bibliography: list  # .bib files, absolute paths
+    csl: Path | None
+    lib_name: str  # nbdev's lib_name (pyproject.toml): the module note says `minillm.data`
 
 
 def read_config(project: Path) -> Book:
@@ -193,75 +163,42 @@ def read_config(project: Path) -> Book:
     cfg_file = project / "_quarto.yml"
     try:
         cfg = yaml.safe_load(cfg_file.read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        raise BookError(
-            f"{cfg_file}: not found (--project must be the directory of the book's _quarto.yml)"
-        ) from None
-    except yaml.YAMLError as e:
-        raise BookError(f"{cfg_file}: invalid YAML: {e}") from None
-    book, fmt = cfg.get("book") or {}, cfg.get("format") or {}
-    typ = fmt.get("typst") if isinstance(fmt.get("typst"), dict) else {}
+    except (OSError, yaml.YAMLError) as e:
+        raise BookError(f"{cfg_file}: cannot read it (--project is the book's directory): {e}")
+    book, typ = cfg.get("book") or {}, (cfg.get("format") or {}).get("typst")
+    typ = typ if isinstance(typ, dict) else {}  # `typst: default`
+
+    def exists(name, what):
+        if not (project / str(name)).is_file():
+            raise BookError(f"{cfg_file}: the {what} {name} does not exist")
+        return (project / str(name)).resolve()
 
     chapters, parts = [], []
-
-    def add(src, part=None, appendix=False):
-        if not isinstance(src, str):
-            raise BookError(f"{cfg_file}: book.chapters: cannot read the entry {src!r}")
-        path = (project / src).resolve()
-        if not path.is_file():
-            raise BookError(f"{cfg_file}: the chapter {src} does not exist ({path})")
-        chapters.append(Chapter(src=src, path=path, part=part, appendix=appendix))
-
-    for entry in book.get("chapters") or []:
-        if isinstance(entry, dict) and "part" in entry:
-            if str(entry["part"]).endswith((".qmd", ".md", ".ipynb")):
-                raise BookError(
-                    f"{cfg_file}: `part: {entry['part']}` (a part given as a file) is not supported"
-                )
-            parts.append((_roman(sum(p[0] is not None for p in parts) + 1), str(entry["part"])))
-            for src in entry.get("chapters") or []:
-                add(src, part=len(parts) - 1)
-        else:
-            add(entry)
-    if book.get("appendices"):
-        parts.append((None, "Appendices"))
-        for src in book["appendices"]:
-            add(src, part=len(parts) - 1, appendix=True)
+    entries = [(e, None) for e in book.get("chapters") or []]
+    entries += [(e, "appendix") for e in book.get("appendices") or []]
+    for entry, kind in entries:
+        if kind and (not parts or parts[-1][0] is not None):
+            parts.append((None, "Appendices"))
+        srcs = [entry]
+        if isinstance(entry, dict):  # a part: its number in Roman numerals
+            parts.append(("I II III IV V VI VII VIII IX X".split()[len(parts)], str(entry["part"])))
+            srcs = entry.get("chapters") or []
+        part = len(parts) - 1 if kind or isinstance(entry, dict) else None
+        for src in srcs:
+            chapters.append(Chapter(src, exists(src, "chapter"), part, kind == "appendix"))
     if not chapters:
         raise BookError(f"{cfg_file}: book.chapters lists no chapter")
-
-    pages = {}
     for i, ch in enumerate(chapters):
         ch.page = "index.html" if i == 0 else f"{ch.stem}.html"
-        if ch.page in pages:
-            raise BookError(
-                f"{cfg_file}: {pages[ch.page]} and {ch.src} would both become {ch.page}"
-            )
-        pages[ch.page] = ch.src
-
-    authors = book.get("author") or cfg.get("author") or []
+    authors = book.get("author") or []
     authors = authors if isinstance(authors, list) else [authors]
-    authors = [a.get("name", "") if isinstance(a, dict) else str(a) for a in authors]
-    authors = [
-        a.get("literal", "") if isinstance(a, dict) else a for a in authors
-    ]  # name: {literal: ...}
-    date = book.get("date") or cfg.get("date")
-    if date in ("today", "now", "last-modified"):
-        date = datetime.date.today().isoformat()
     bibliography = cfg.get("bibliography") or []
-    bibliography = [bibliography] if isinstance(bibliography, str) else list(bibliography)
-    bibs = []
-    for b in bibliography:
-        if not (project / str(b)).is_file():
-            raise BookError(f"{cfg_file}: the bibliography {b} does not exist")
-        bibs.append((project / str(b)).resolve())
-    if cfg.get("csl") and not (project / str(cfg["csl"])).is_file():
-        raise BookError(f"{cfg_file}: the citation style (csl) {cfg['csl']} does not exist")
+    bibliography = [bibliography] if isinstance(bibliography, str) else bibliography
     return Book(
-        title=str(book.get("title") or cfg.get("title") or "Untitled"),
+        title=str(book.get("title") or "Untitled"),
         subtitle=str(book["subtitle"]) if book.get("subtitle") else None,
-        authors=[a for a in authors if a],
-        date=str(date) if date else None,
+        authors=[a.get("name", "") if isinstance(a, dict) else str(a) for a in authors],
+        date=str(book["date"]) if book.get("date") else None,
         output_file=str(book.get("output-file") or "book"),
         output_dir=str((cfg.get("project") or {}).get("output-dir") or "_book"),
         lang=str(cfg.get("lang") or "en"),
@@ -272,30 +209,19 @@ def read_config(project: Path) -> Book:
         chapters=chapters,
         parts=parts,
         project=project,
-        bibliography=bibs,
-        csl=(project / str(cfg["csl"])).resolve() if cfg.get("csl") else None,
-        lib_name=lib_name(project),
+        bibliography=[exists(b, "bibliography") for b in bibliography],
+        csl=exists(cfg["csl"], "citation style (csl)") if cfg.get("csl") else None,
+        lib_name=str(nbdev_config(project).get("lib_name") or ""),
     )
 
 
-def lib_name(project: Path):
-    "The package the notebooks export to: [tool.nbdev] lib_name, else [project] name."
+def nbdev_config(project: Path):
+    "[tool.nbdev] of pyproject.toml (nbs_path; lib_name, by default the [project] name), or {}."
     try:
-        import tomllib
-
         cfg = tomllib.loads((project / "pyproject.toml").read_text(encoding="utf-8"))
-    except (OSError, ValueError, ImportError):
-        return ""
-    nbdev = (cfg.get("tool") or {}).get("nbdev") or {}
-    return str(nbdev.get("lib_name") or (cfg.get("project") or {}).get("name") or "")
-
-
-def _roman(n):
-    out = ""
-    for value, letters in ((10, "X"), (9, "IX"), (5, "V"), (4, "IV"), (1, "I")):
-        while n >= value:
-            out, n = out + letters, n - value
-    return out
+    except (OSError, ValueError):
+        return {}
+    return {"lib_name": cfg.get("project", {}).get("name"), **cfg.get("tool", {}).get("nbdev", {})}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -323,15 +249,13 @@ def cell_options(cell):
     except yaml.YAMLError:
         opts = None
     if not isinstance(opts, dict):  # nbdev's words, a value YAML cannot read (`*Emma* ...`)
-        opts = {k: yaml_value(v) if v else True for k, v in cell.directives.items()}
+        opts = {}
+        for k, v in cell.directives.items():
+            try:
+                opts[k] = yaml.safe_load(v) if v else True
+            except yaml.YAMLError:
+                opts[k] = v
     return opts, "".join(body).strip("\n")
-
-
-def yaml_value(text):
-    try:
-        return need("yaml", "pyyaml").safe_load(text)
-    except Exception:
-        return text
 
 
 def plain_text(text):
@@ -359,35 +283,22 @@ def cell_label(cells, i):
     return f"{i}, nbval Cell {sum(c.get('cell_type') == 'code' for c in cells[:i])}"
 
 
-def default_exp(cells):
-    "The module a notebook exports to (`#| default_exp data`), or None."
-    return next((c.directive("default_exp") for c in cells if c.directive("default_exp")), None)
-
-
-def module_note(text, module, lib):
-    """nbdev's module docstring (a markdown cell starting `#| export`) as a note titled with the
-    module's name; a plain note where the notebook names no module."""
-    name = f"{lib}.{module}" if lib and module else module
-    title = f"The module `{name}`" if name else "The module"
-    return f"::::: {{.callout-note .module-doc}}\n## {title} {{.unnumbered}}\n\n{text}\n:::::"
+AST_LOCK = threading.Lock()
 
 
 def check_summary(code):
     """For a cell whose code is nothing but `assert` statements (and comments): a one-line summary
     of what it checks (its first condition); for any other cell None."""
-    import ast
-
     try:
-        tree = ast.parse(code)
+        with AST_LOCK:  # CPython 3.11's ast.parse is not thread-safe (recursion depth mismatch)
+            tree = ast.parse(code)
     except (SyntaxError, ValueError):
         return None
     if not tree.body or not all(isinstance(s, ast.Assert) for s in tree.body):
         return None
     first = " ".join((ast.get_source_segment(code, tree.body[0].test) or "").split())
-    if len(first) > 70:
-        first = first[:69] + "…"
-    more = len(tree.body) - 1
-    return first + (f" (and {more} more)" if more else "")
+    first = first if len(first) <= 70 else first[:69] + "…"
+    return first + (f" (and {len(tree.body) - 1} more)" if len(tree.body) > 1 else "")
 
 
 def notebook_markdown(ch, media: Path, lib=""):
@@ -395,27 +306,25 @@ def notebook_markdown(ch, media: Path, lib=""):
     (placeholders in the text)."""
     from fastcore.nbio import dict2nb  # nbdev's notebook reader
 
-    nb = read_notebook(ch.path, ch.src)
-    lang = (nb.get("metadata") or {}).get("kernelspec", {}).get("language") or "python"
-    nb = dict2nb(nb)
+    nb = dict2nb(read_notebook(ch.path, ch.src))
     chunks, tables = [], []
-    module = default_exp(nb.cells)
+    module = next((c.directive("default_exp") for c in nb.cells if c.directive("default_exp")), "")
+    module = f"{lib}.{module}" if lib and module else module
     for i, cell in enumerate(nb.cells):
         if cell.cell_type not in ("markdown", "code"):
             continue
-        opts, source = cell_options(cell)
+        opts, md = cell_options(cell)
         if opts.get("include") is False or opts.get("hide"):
             continue
         where = f"{ch.src} (cell {cell_label(nb.cells, i)})"
-        if cell.cell_type == "markdown":
-            md = source
-            for tex in MATH_SPAN.findall(md):  # before pandoc, which turns tabs into spaces
-                if CONTROL.search(tex):
-                    warn(f"{where}: {math_control(tex)}")
-            if opts.get("export") and md.strip():  # nbdev's module docstring
-                md = module_note(md, module, lib)
-        else:
-            md = code_cell_markdown(cell, i, where, opts, source, lang, media, tables)
+        if cell.cell_type == "code":
+            md = code_cell_markdown(cell, i, where, opts, md, media, tables)
+        else:  # (before pandoc, which turns tabs into spaces)
+            for tex in filter(CONTROL.search, MATH_SPAN.findall(md)):
+                warn(f"{where}: {math_control(tex)}")
+            if opts.get("export") and md.strip():  # nbdev's module docstring: a note
+                title = f"The module `{module}`" if module else "The module"
+                md = div("callout-note module-doc", f"## {title} {{.unnumbered}}\n\n{md}")
         if md.strip():
             chunks.append(f"```{{={CELL_MARK}}}\n{cell_label(nb.cells, i)}\n```\n\n{md}")
     return "\n\n".join(chunks) + "\n", tables
@@ -438,131 +347,82 @@ def read_notebook(path: Path, name):
 
 
 def check_notebooks(project: Path):
-    """Every notebook of the project (nbdev's nbs_path, and the chapters) is valid JSON: run before
-    nbdev-export, whose traceback for a broken notebook never names the file."""
-    import tomllib
-
-    try:
-        cfg = tomllib.loads((project / "pyproject.toml").read_text(encoding="utf-8"))
-        nbs = (cfg.get("tool") or {}).get("nbdev", {}).get("nbs_path") or "nbs"
-    except (OSError, ValueError):
-        nbs = "nbs"
-    for path in sorted((project / nbs).rglob("*.ipynb")):
+    """Every notebook of nbdev's nbs_path is valid JSON: run before nbdev-export, whose traceback
+    for a broken notebook never names the file."""
+    for path in sorted((project / nbdev_config(project).get("nbs_path", "nbs")).rglob("*.ipynb")):
         if ".ipynb_checkpoints" not in path.parts:
             read_notebook(path, os.path.relpath(path, project))
 
 
-def write_media(media: Path, name, data, mime):
-    "Save an output's image under media/<chapter>/ and return its path relative to the book's root."
-    media.mkdir(parents=True, exist_ok=True)
-    if mime == "image/svg+xml":
-        (media / name).write_text(cell_text(data), encoding="utf-8")
-    else:
-        (media / name).write_bytes(base64.b64decode(cell_text(data)))
-    return f"{media.parent.name}/{media.name}/{name}"
-
-
-def code_cell_markdown(cell, i, where, opts, code, lang, media, tables):
+def code_cell_markdown(cell, i, where, opts, code, media, tables):
     out = []
     if code.strip() and opts.get("echo", True) is not False:
-        block = fenced(code, f"{{.{lang} .cell-code}}")
-        summary = check_summary(code) if lang == "python" else None
+        out.append(fenced(code, "{.python .cell-code}"))
+        summary = check_summary(code)
         if summary is not None:  # a check: shown compactly, as a check (see `resolve`)
             quoted = summary.replace("\\", "\\\\").replace('"', '\\"')
-            block = f'::::: {{.check summary="{quoted}"}}\n{block}\n:::::'
-        out.append(block)
-    if opts.get("output", True) is not False:
-        out += outputs_markdown(cell, i, where, opts, media, tables)
-    return "\n\n".join(out)
-
-
-def outputs_markdown(cell, i, where, opts, media, tables):
+            out[-1] = f'::::: {{.check summary="{quoted}"}}\n{out[-1]}\n:::::'
+    if opts.get("output", True) is False:
+        return "\n\n".join(out)
     label = str(opts.get("label") or "")
     figure = {"id": label, "cap": str(opts.get("fig-cap") or "")} if label[:4] == "fig-" else None
     outputs = []
     for o in cell.get("outputs") or []:  # a stream printed in several pieces is one output
-        if (
-            o.get("output_type") == "stream"
-            and outputs
-            and outputs[-1].get("output_type") == "stream"
-            and outputs[-1].get("name") == o.get("name")
+        last = outputs[-1] if outputs else {}
+        if o.get("output_type") == "stream" == last.get("output_type") and (
+            o.get("name") == last.get("name")
         ):
-            outputs[-1] = {
-                **outputs[-1],
-                "text": cell_text(outputs[-1]["text"]) + cell_text(o.get("text")),
-            }
+            outputs[-1] = {**last, "text": cell_text(last["text"]) + cell_text(o.get("text"))}
         else:
             outputs.append(o)
-    out = []
     for k, o in enumerate(outputs):
         kind = o.get("output_type")
-        if kind == "stream":
+        if kind == "stream" and plain_text(o.get("text")).strip():
+            name = "stderr" if o.get("name") == "stderr" else "stdout"
             text = plain_text(o.get("text")).rstrip("\n")
-            if text.strip():
-                name = "stderr" if o.get("name") == "stderr" else "stdout"
-                out.append(div(f"cell-output cell-output-{name}", fenced(text, "{." + name + "}")))
+            out.append(div(f"cell-output cell-output-{name}", fenced(text, "{." + name + "}")))
         elif kind == "error":
-            source = cell_text(cell.get("source"))
-            if "raises-exception" not in (cell.get("metadata") or {}).get(
-                "tags", []
-            ) and not re.search(r"^\s*#\s*NBVAL_RAISES_EXCEPTION\s*$", source, re.MULTILINE):
+            marked = re.search(r"^\s*#\s*NBVAL_RAISES_EXCEPTION\s*$", cell.source, re.M)
+            if not marked and "raises-exception" not in cell.get("metadata", {}).get("tags", []):
                 raise BookError(
                     f"{where}: the stored output is an error ({o.get('ename')}: "
                     f"{o.get('evalue')}); fix the cell and re-run the notebook, or mark it "
                     f"'# NBVAL_RAISES_EXCEPTION' if the error is the point"
                 )
-            text = plain_text(
-                "\n".join(o.get("traceback") or []) or f"{o.get('ename')}: {o.get('evalue')}"
-            )
-            out.append(div("cell-output cell-output-error", fenced(text.rstrip("\n"), "{.error}")))
+            text = "\n".join(o.get("traceback") or []) or f"{o.get('ename')}: {o.get('evalue')}"
+            text = plain_text(text).rstrip("\n")
+            out.append(div("cell-output cell-output-error", fenced(text, "{.error}")))
         elif kind in ("execute_result", "display_data"):
-            data = o.get("data") or {}
-            shown = {}
-            for fmt, order in SHOW.items():
-                if figure:
-                    order = [m for m in order if m in IMAGES] + [
-                        m for m in order if m not in IMAGES
-                    ]
+            data, shown = o.get("data") or {}, {}
+            table = "<table" in cell_text(data.get("text/html"))  # the PDF shows no other HTML
+            for fmt, order in SHOW.items():  # the cell's figure: its images first
+                order = sorted(order, key=lambda m: m not in IMAGES) if figure else order
                 ok = [
-                    m
-                    for m in order
-                    if m in data
-                    and (m != "text/html" or fmt == "html" or "<table" in cell_text(data[m]))
+                    m for m in order if m in data and (m != "text/html" or fmt == "html" or table)
                 ]
                 shown[fmt] = ok[0] if ok else None
+            show = lambda m: output_markdown(data, m, f"cell{i}-{k}", media, tables, figure)  # noqa
             if shown["html"] == shown["typst"]:
-                md = display_markdown(
-                    data, shown["html"], "both", f"cell{i}-{k}", media, tables, figure, opts
-                )
+                out.append(show(shown["html"]))
             else:
-                md = "\n\n".join(
-                    div(
-                        f"only-{fmt}",
-                        display_markdown(
-                            data, shown[fmt], fmt, f"cell{i}-{k}", media, tables, figure, opts
-                        ),
-                    )
-                    for fmt in ("html", "typst")
-                    if shown[fmt]
-                )
-            if md:
-                out.append(md)
+                out += [div(f"only-{f}", show(m)) for f, m in shown.items() if m]
     if figure and not figure.get("used"):
-        warn(
-            f"{where}: #| label: {label}, but the cell has no image output "
-            "(run the notebook and save it)"
-        )
-    return out
+        warn(f"{where}: #| label: {label}, but the cell has no image output (run and save it)")
+    return "\n\n".join(md for md in out if md)
 
 
-def display_markdown(data, mime, fmt, name, media, tables, figure, opts):
-    if mime is None:
-        return ""
-    value = cell_text(data[mime])
+def output_markdown(data, mime, name, media, tables, figure):
+    value = cell_text(data.get(mime))
     if not value.strip():
         return ""
-    if mime in IMAGES:
-        path = write_media(media, f"{name}.{IMAGES[mime]}", data[mime], mime)
+    if mime in IMAGES:  # saved as media/<chapter>/cell7-0.png
+        media.mkdir(parents=True, exist_ok=True)
+        file = media / f"{name}.{IMAGES[mime]}"
+        if mime == "image/svg+xml":
+            file.write_text(value, encoding="utf-8")
+        else:
+            file.write_bytes(base64.b64decode(value))
+        path = f"media/{media.name}/{file.name}"
         if figure and not figure.get("used"):  # the cell's figure: its first image (no sub-figures)
             figure["used"] = True
             return f"![{' '.join(figure['cap'].split())}]({path}){{#{figure['id']}}}"
@@ -570,20 +430,14 @@ def display_markdown(data, mime, fmt, name, media, tables, figure, opts):
     if mime == "text/html" and "<table" in value:
         # a DataFrame: in both formats the table pandoc reads out of the HTML (see parse_chapter)
         tables.append(value)
-        index = len(tables) - 1
-        return f'::::: {{.cell-output .cell-output-display .html-table index="{index}"}}\n:::::'
+        n = len(tables) - 1
+        return f'::::: {{.cell-output .cell-output-display .html-table index="{n}"}}\n:::::'
     if mime == "text/html":  # other HTML: as it is, in the HTML only
         return div("cell-output cell-output-display", fenced(value.strip("\n"), "{=html}"))
     if mime == "text/markdown":  # its tables are tidied like a DataFrame's (see `tidy_table`)
         return div("cell-output cell-output-display cell-output-markdown", value)
-    return div(
-        "cell-output cell-output-display", fenced(plain_text(value).rstrip("\n"), "{.stdout}")
-    )
-
-
-def markdown_chapter(ch):
-    "A .qmd/.md chapter (the references chapter): read as pandoc markdown, its code not run."
-    return ch.path.read_text(encoding="utf-8")
+    text = plain_text(value).rstrip("\n")
+    return div("cell-output cell-output-display", fenced(text, "{.stdout}"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -611,17 +465,10 @@ def pandoc(text, src, dst, where, *args, cache=None):
             return path.read_text(encoding="utf-8")
         except OSError:
             pass
-    try:
-        r = subprocess.run(cmd, input=text.encode("utf-8"), capture_output=True)
-    except OSError as e:
-        raise BookError(
-            f"cannot run pandoc ({cmd[0]}: {e}): reinstall it with `pip install pypandoc-binary`"
-        ) from None
+    r = subprocess.run(cmd, input=text.encode("utf-8"), capture_output=True)
     if r.returncode != 0:
-        raise BookError(
-            f"{where}: pandoc ({src} -> {dst}) failed: "
-            + r.stderr.decode("utf-8", "replace").strip()
-        )
+        error = r.stderr.decode("utf-8", "replace").strip()
+        raise BookError(f"{where}: pandoc ({src} -> {dst}) failed: {error}")
     if cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         part = path.with_suffix(f".{os.getpid()}-{threading.get_ident()}")
@@ -638,11 +485,9 @@ def pandoc_version():
 def prune_cache():
     "Remove the cached conversions no build used for a day (chapters as they were before an edit)."
     for f in (cache_dir() / "ast").glob("*"):
-        try:
+        with contextlib.suppress(OSError):  # another build removed it
             if time.time() - f.stat().st_mtime > 86400:
                 f.unlink()
-        except OSError:  # another build removed it
-            pass
 
 
 SPLIT = "minillm-chapter-split"
@@ -692,14 +537,10 @@ def raw(fmt, text, block=True):
     return (RawBlock if block else RawInline)(fmt, text)
 
 
-ATTR = {"Header": 1, "Div": 0, "Span": 0, "CodeBlock": 0, "Code": 0, "Figure": 0, "Table": 0}
-ATTR.update(Image=0, Link=0)
-
-
 def attr(t, c):
     "The [id, classes, key-values] of a node that has one, else None."
-    pos = ATTR.get(t)
-    return c[pos] if pos is not None else None
+    has = t in ("Div", "Span", "CodeBlock", "Code", "Figure", "Table", "Image", "Link")
+    return c[1] if t == "Header" else c[0] if has else None
 
 
 def parse_chapter(ch, tmp: Path, lib=""):
@@ -707,7 +548,7 @@ def parse_chapter(ch, tmp: Path, lib=""):
     if ch.path.suffix == ".ipynb":
         md, tables = notebook_markdown(ch, tmp / "media" / ch.stem, lib)
     else:
-        md, tables = markdown_chapter(ch), []
+        md, tables = ch.path.read_text(encoding="utf-8"), []  # .qmd/.md: pandoc markdown
     try:
         doc = json.loads(pandoc(md, "markdown", "json", ch.src, cache=True))
     except BookError:  # find the cell pandoc cannot read
@@ -800,64 +641,47 @@ def is_crossref(key):
 
 
 def bibliography_keys(book: Book):
-    "The citation keys of the book's bibliography files (read by pandoc, as citeproc reads them)."
+    "The citation keys of the book's .bib files (read by pandoc, as citeproc reads them)."
     keys = set()
-    readers = {".bib": "biblatex", ".bibtex": "bibtex", ".json": "csljson", ".yaml": "markdown"}
     for path in book.bibliography:
-        src = readers.get(path.suffix.lower(), "biblatex")
-        bib = path.read_text(encoding="utf-8")
-        items = json.loads(pandoc(bib, src, "csljson", str(path.name), cache=True))
-        keys |= {item["id"] for item in items}
+        bib = pandoc(path.read_text("utf-8"), "biblatex", "csljson", path.name, cache=True)
+        keys |= {item["id"] for item in json.loads(bib)}
     return keys
 
 
-def collect_citations(ch, keys, book: Book, problems):
-    """The chapter's citations (its Cite nodes that are not cross-references), in order, each with
-    the cross-references cited with it in one [...] (or None); an unknown key is a problem naming
-    the cell."""
-    found = []
-    for c, cell in ch.cites:  # changed in place: cite_book fills in the Cite nodes found
-        ids = [x["citationId"] for x in c[0]]
-        refs = [k for k in ids if is_crossref(k)]
-        unknown = [k for k in ids if k not in keys and not is_crossref(k)]
-        if unknown:
-            names = ", ".join(p.name for p in book.bibliography)
-            problems.append(
-                f"{at(ch, cell)}: unknown citation key "
-                + ", ".join("@" + k for k in unknown)
-                + (f" (not in {names})" if names else " (_quarto.yml names no bibliography)")
-                + "; write \\@ for a literal @"
-            )
-        elif refs and len(refs) < len(ids):  # [@paper; @sec-x]: "(Paper 2019; Chapter 8)"
-            tail = {"t": "Cite", "c": [[x for x in c[0] if is_crossref(x["citationId"])], []]}
-            c[0][:] = [x for x in c[0] if not is_crossref(x["citationId"])]
-            found.append((c, tail))
-        elif not refs:
-            found.append((c, None))
-    return found
-
-
-def cite_book(book: Book, cites, api_version):
-    """Format every citation of the book in one citeproc run (so that "Touvron et al. 2023a" and
-    the bibliography agree across chapters); returns the bibliography, a Div#refs."""
+def cite_book(book: Book, keys, api_version):
+    """Format every citation of the book (its Cite nodes that are not cross-references) in one
+    citeproc run, so that "Touvron et al. 2023a" and the bibliography agree across chapters; the
+    Cite nodes are filled in place. Returns the bibliography (a Div#refs), or None. An unknown key
+    is an error naming the cell."""
+    cites, problems = [], []
+    for ch in book.chapters:
+        for c, cell in ch.cites:
+            ids = [x["citationId"] for x in c[0]]
+            if unknown := [k for k in ids if k not in keys and not is_crossref(k)]:
+                names = ", ".join(p.name for p in book.bibliography) or "a bibliography"
+                problems.append(
+                    f"{at(ch, cell)}: unknown citation key {', '.join('@' + k for k in unknown)} "
+                    f"(not in {names}); write \\@ for a literal @"
+                )
+            elif not all(map(is_crossref, ids)):  # [@paper; @sec-x]: "(Paper 2019; Chapter 8)"
+                refs = [x for x in c[0] if is_crossref(x["citationId"])]
+                c[0][:] = [x for x in c[0] if x not in refs]
+                cites.append((c, {"t": "Cite", "c": [refs, []]} if refs else None))
+    if problems:
+        raise BookError("\n".join(dict.fromkeys(problems)))
+    if not cites:
+        return None
     blocks = [{"t": "Para", "c": [{"t": "Cite", "c": c}]} for c, _ in cites]
     blocks.append(Div(["refs", [], []], []))
-    doc = {
-        "pandoc-api-version": api_version,
-        "meta": {"link-citations": {"t": "MetaBool", "c": True}},
-        "blocks": blocks,
-    }
+    meta = {"link-citations": {"t": "MetaBool", "c": True}}
+    doc = {"pandoc-api-version": api_version, "meta": meta, "blocks": blocks}
     args = ["--citeproc", f"--metadata=lang:{book.lang}"]
     args += [f"--bibliography={b}" for b in book.bibliography]
     args += [f"--csl={book.csl}"] if book.csl else []
     files = [b.read_text(encoding="utf-8") for b in book.bibliography + [book.csl] if b]
-    out = pandoc(json.dumps(doc), "json", "json", "the citations", *args, cache=files)
-    out = json.loads(out)["blocks"]
-    if len(out) != len(blocks) or any(
-        b["t"] != "Para" or b["c"][0]["t"] != "Cite" for b in out[:-1]
-    ):
-        raise BookError("citeproc returned the citations in an unexpected shape")
-    for (cite, tail), para in zip(cites, out):
+    out = json.loads(pandoc(json.dumps(doc), "json", "json", "the citations", *args, cache=files))
+    for (cite, tail), para in zip(cites, out["blocks"]):
         content = para["c"][0]["c"][1]
         if tail:  # the cross-references inside the parentheses: "(Paper 2019; Chapter 8)"
             close = content and content[-1]["t"] == "Str" and content[-1]["c"].endswith(")")
@@ -865,7 +689,7 @@ def cite_book(book: Book, cites, api_version):
                 content[-1]["c"] = content[-1]["c"][:-1]
             content += [Str(";"), Space(), tail] + ([Str(")")] if close else [])
         cite[1] = content
-    return out[-1]
+    return out["blocks"][-1]
 
 
 def add_references(book: Book, refs):
@@ -873,10 +697,10 @@ def add_references(book: Book, refs):
     div, else its end) if the book has one, else into an unnumbered chapter at the end."""
     ch = next((c for c in book.chapters if c.stem == "references"), None)
     if ch is None:
-        src = book.bibliography[0].name if book.bibliography else "references"
-        ch = Chapter(src=src, path=book.project / "references", page="references.html")
-        header = {"t": "Header", "c": [1, ["references", ["unnumbered"], []], [Str("References")]]}
-        ch.blocks = [header]
+        ch = Chapter(book.bibliography[0].name, book.project / "references", page="references.html")
+        ch.blocks = [
+            {"t": "Header", "c": [1, ["references", ["unnumbered"], []], [Str("References")]]}
+        ]
         book.chapters.append(ch)
     filled = []
 
@@ -898,38 +722,27 @@ def add_references(book: Book, refs):
 @dataclass
 class Target:
     chapter: Chapter
-    kind: str  # "chapter", "section" or "figure"
+    name: str  # "Chapter", "Appendix", "Section", "Figure"
     number: str | None
     title: str
 
-    def text(self, number_only=False):
+    def text(self, number_only=False):  # "Section 4.2", "4.2" (`-@sec-x`), or an unnumbered title
         if self.number is None:
             return self.title
-        if number_only:
-            return self.number
-        name = {
-            "chapter": "Appendix" if self.chapter.appendix else "Chapter",
-            "section": "Section",
-            "figure": "Figure",
-            "reference": "",
-        }
-        return f"{name[self.kind]}\u00a0{self.number}"
+        return self.number if number_only else f"{self.name}\u00a0{self.number}"
 
 
-def callout(t, c, *_):
+def callout(c):
     """::: {.callout-KIND} with a `## Title` or title="..." -> Div.callout > Div.callout-title +
     Div.callout-body."""
-    if t != "Div":
-        return None
     (ident, classes, kv), body = c
-    kind = next((c[8:] for c in classes if c.startswith("callout-") and c[8:] in CALLOUTS), None)
+    kind = next((k[8:] for k in classes if k[:8] == "callout-" and k[8:] in CALLOUTS), None)
     if kind is None or "callout" in classes:
         return None
-    title = [Str(dict(kv)["title"])] if dict(kv).get("title") else None
-    if title is None and body and body[0]["t"] == "Header":
+    title = [Str(dict(kv)["title"])] if dict(kv).get("title") else [Str(kind.capitalize())]
+    if "title" not in dict(kv) and body and body[0]["t"] == "Header":
         title, body = body[0]["c"][2], body[1:]
-    title = title or [Str(CALLOUTS[kind])]
-    classes = ["callout", f"callout-{kind}"] + [c for c in classes if c != f"callout-{kind}"]
+    classes = ["callout", f"callout-{kind}"] + [k for k in classes if k != f"callout-{kind}"]
     parts = [
         Div(["", ["callout-title"], []], [Plain(title)]),
         Div(["", ["callout-body"], []], body),
@@ -953,61 +766,40 @@ def number_chapter(ch, number, book: Book, labels: dict):
         if t == "RawBlock" and c[0] == CELL_MARK:
             where["cell"] = c[1]
         elif t == "Div":
-            return callout(t, c)
+            return callout(c)
         elif t == "Header":
             level, (ident, classes, kv), inlines = c
-            title = stringify(inlines).strip()
-            if level == 1:
-                if ch.title:
-                    problems.append(
-                        f"{at(ch, where['cell'])}: a second level-1 heading `# {title}`: a "
-                        "chapter has one `# Title`; its sections are `## ...`"
-                    )
-                else:
-                    ch.title, ch.anchor = title, ident
-                num, kind = number, "chapter"
-            else:
-                num = None
-                if number and book.number_sections and "unnumbered" not in classes:
-                    counters[level] += 1
-                    counters[level + 1 :] = [0] * (len(counters) - level - 1)
-                    num = ".".join([number] + [str(n) for n in counters[2 : level + 1]])
-                kind = "section"
-                if level == 2:
-                    ch.sections.append((ident, num, title))
+            title, num, name = stringify(inlines).strip(), None, "Section"
+            if level == 1 and ch.title:
+                problems.append(
+                    f"{at(ch, where['cell'])}: a second level-1 heading `# {title}`: a "
+                    "chapter has one `# Title`; its sections are `## ...`"
+                )
+            elif level == 1:
+                ch.title, ch.anchor, num = title, ident, number
+                name = "Appendix" if ch.appendix else "Chapter"
+            elif number and "unnumbered" not in classes:
+                counters[level] += 1
+                counters[level + 1 :] = [0] * (len(counters) - level - 1)
+                num = ".".join([number] + [str(n) for n in counters[2 : level + 1]])
+            if level == 2:
+                ch.sections.append((ident, num, title))
             if num:
                 kv.append(["number", num])
             if ident.startswith("sec-"):
-                register(labels, ident, Target(ch, kind, num, title), ch, where["cell"])
-        elif t in ("Para", "Plain") and len(c) == 1 and c[0]["t"] == "Image":
-            image = c[0]["c"]
-            if image[0][0].startswith("fig-"):  # a labelled image without a caption
-                figure = [[image[0][0], [], []], [None, []], [Plain([c[0]])]]
-                image[0][0] = ""
-                visit("Figure", figure)
-                return {"t": "Figure", "c": figure}
-        elif t == "Figure" and c[0][0].startswith("fig-"):
+                register(labels, ident, Target(ch, name, num, title), ch, where["cell"])
+        elif t == "Figure" and c[0][0].startswith("fig-"):  # its caption: "Figure 4.2: ..."
             figures[0] += 1
             num = f"{number}.{figures[0]}" if number else str(figures[0])
-            caption = c[1][1]
-            text = stringify(caption).strip()
-            prefix = [Str(f"Figure\u00a0{num}" + (":" if text else ""))] + (
-                [Space()] if text else []
-            )
-            if caption and caption[0]["t"] in ("Plain", "Para"):
-                caption[0]["c"] = prefix + caption[0]["c"]
-            else:
-                c[1][1] = [Plain(prefix)] + caption
-            register(labels, c[0][0], Target(ch, "figure", num, text), ch, where["cell"])
+            text = stringify(c[1][1]).strip()
+            c[1][1][0]["c"][:0] = [Str(f"Figure\u00a0{num}:"), Space()]
+            register(labels, c[0][0], Target(ch, "Figure", num, text), ch, where["cell"])
 
     ch.blocks = walk(ch.blocks, visit)
     if problems:
         raise BookError("\n".join(problems))
     if not ch.title:
-        raise BookError(
-            f"{ch.src}: no chapter title (a `# Title` heading in its first markdown cell)"
-        )
-
+        raise BookError(f"{ch.src}: no chapter title (a `# Title` heading in its first cell)")
     # The `> description` right under the title is the chapter's lead paragraph.
     top = [b for b in ch.blocks if not (b["t"] == "RawBlock" and b["c"][0] == CELL_MARK)]
     for h, nxt in zip(top, top[1:]):
@@ -1044,30 +836,26 @@ MATH_SPAN = re.compile(r"(?<![\\$])\$\$?(.+?)\$", re.S)  # near enough to find o
 def math_control(tex):
     "The warning for a formula with a control character in it (shown as its symbol: \\t as ␉)."
     c = CONTROL.search(tex)
-    snippet = CONTROL.sub(lambda m: chr(0x2400 + ord(m.group(0))), tex[max(0, c.start() - 12) :])
+    symbol = lambda m: chr(0x2400 + ord(m[0]))  # noqa: E731
+    snippet = CONTROL.sub(symbol, tex[max(0, c.start() - 12) :])[:30]
     return (
-        f"a control character in the formula ...{snippet[:30]}... ({c.group(0)!r} shown as "
-        f"{chr(0x2400 + ord(c.group(0)))}): a Python escape (\\t in \\text, \\b in \\beta, "
-        "\\f in \\frac, \\r in \\right) where a backslash was meant"
+        f"a control character in the formula ...{snippet}... ({c[0]!r} shown as {symbol(c)}): a "
+        "Python escape (\\t in \\text, \\b in \\beta, \\f in \\frac) where a backslash was meant"
     )
 
 
 def prose_text(x):
     "The visible text of inlines, with code, maths and raw markup left out."
     if isinstance(x, list):
-        return "".join(prose_text(i) for i in x)
-    if not isinstance(x, dict):
-        return ""
-    t = x.get("t")
+        return "".join(map(prose_text, x))
+    t = x.get("t") if isinstance(x, dict) else None
     if t == "Str":
         return x["c"]
-    if t in ("Space", "SoftBreak", "LineBreak"):
-        return " "
-    if t in ("Code", "Math", "RawInline", "Note"):
+    if t in ("Space", "SoftBreak", "LineBreak", "Code", "Math", "RawInline", "Note"):
         return " "
     if t in ("Link", "Image", "Span", "Cite", "Quoted"):
         return prose_text(x["c"][1])
-    return prose_text(x.get("c"))
+    return prose_text(x.get("c")) if t else ""
 
 
 VISIBLE_SKIP = re.compile(
@@ -1083,10 +871,8 @@ def html_problems(ch, page):
 
 def register(labels, ident, target, ch, cell):
     if ident in labels:
-        other = labels[ident].chapter
-        raise BookError(
-            f"{at(ch, cell)}: the label #{ident} is defined twice (also in {other.src})"
-        )
+        other = labels[ident].chapter.src
+        raise BookError(f"{at(ch, cell)}: the label #{ident} is defined twice (also in {other})")
     labels[ident] = target
 
 
@@ -1155,26 +941,19 @@ def resolve(ch, fmt, book: Book, labels: dict, problems: list, present=None, lis
             key = c["citationId"]
             label = key[0].lower() + key[1:]
             if label not in labels:
-                if label.split("-")[0] in CROSSREF_PREFIXES and "-" in label:
-                    hint = (
-                        ""
-                        if label.startswith(("sec-", "fig-"))
-                        else " (only @sec- and @fig- are supported)"
-                    )
+                if is_crossref(key):
+                    hint = "" if label[:4] in ("sec-", "fig-") else " (only @sec- and @fig- are)"
                     problems.append(
                         f"{at(ch, where['cell'])}: unresolved cross-reference @{key}{hint}"
                     )
                 return node[1]  # not a cross-reference: the text as written
             t = labels[label]
             text = t.text(number_only=c["citationMode"]["t"] == "SuppressAuthor")
-            prefix = c["citationPrefix"] + ([Space()] if c["citationPrefix"] else [])
             url = href(t.chapter, label)
-            out += (
-                ([Str(","), Space()] if n else [])
-                + prefix
-                + [Link(["", [], []], [Str(text)], [url, ""]) if url else Str(text)]
-                + c["citationSuffix"]
-            )
+            out += [Str(","), Space()] if n else []
+            out += c["citationPrefix"] + ([Space()] if c["citationPrefix"] else [])
+            out += [Link(["", [], []], [Str(text)], [url, ""]) if url else Str(text)]
+            out += c["citationSuffix"]
         return out
 
     def each(blocks):  # what a Div opens into: each block visited, as the walk visits a node
@@ -1195,10 +974,12 @@ def resolve(ch, fmt, book: Book, labels: dict, problems: list, present=None, lis
             c[2][0] = link_url(c[2][0])
             if not c[2][0] and fmt == "typst":  # a chapter not in this PDF
                 return Span(["", [], []], c[1])
-        if t == "Div":
-            keep = visible(a, fmt)
-            if keep is not None:
-                return each(c[1]) if keep else []
+        when = dict(a[2]).get("when-format", fmt) if t == "Div" else None
+        if t == "Div" and {"only-html", "only-typst", "content-visible"} & set(a[1]):
+            # the renderer's `only-html`/`only-typst`, Quarto's `content-visible when-format`
+            keep = {"pdf": "typst"}.get(when, when) == fmt
+            keep = keep if "content-visible" in a[1] else f"only-{fmt}" in a[1]
+            return each(c[1]) if keep else []
         if t == "Div" and "check" in a[1]:  # a cell of asserts: a check, collapsed
             if fmt == "typst":  # book.typ: a small box, the listing set by check-lines
                 opening = raw("typst", "#check[#let Skylighting = check-lines")
@@ -1254,17 +1035,6 @@ def resolve(ch, fmt, book: Book, labels: dict, problems: list, present=None, lis
     return walk(json.loads(json.dumps(ch.blocks)), visit)  # a copy: `visit` changes it in place
 
 
-def visible(a, fmt):
-    """For a Div: False to drop it in this format, True to keep just its content, None to keep it as
-    it is (`only-html`/`only-typst` are the renderer's, `content-visible when-format` Quarto's)."""
-    classes, when = a[1], dict(a[2]).get("when-format")
-    if "only-html" in classes or "only-typst" in classes:
-        return f"only-{fmt}" in classes
-    if "content-visible" in classes:
-        return when is None or {"pdf": "typst", "latex": "typst"}.get(when, when) == fmt
-    return None
-
-
 def typst_str(s):
     return '"' + str(s).replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ") + '"'
 
@@ -1286,66 +1056,49 @@ def html_page(ch, body, book: Book, template: string.Template):
     body = SHORT_CODE.sub(r'<code class="nowrap">\1</code>', body)
     kind = {"block": "display", "inline": "inline"}
     body = MATHML.sub(lambda m: f'<span class="math-{kind[m[1]]}">{m[0]}</span>', body)
+    num = lambda n: f'<span class="num">{e(n)}</span> ' if n else ""  # noqa: E731
+    sections = [f'<li><a href="#{e(i)}">{num(n)}{e(t)}</a></li>' for i, n, t in ch.sections]
     items, part = [], None
     for c in book.chapters:
         if c.part != part and c.part is not None:
             number, title = book.parts[c.part]
             items.append(
-                f'<li class="part">{e(("Part " + number + " · ") if number else "")}{e(title)}</li>'
+                f'<li class="part">{e(f"Part {number} · " if number else "")}{e(title)}</li>'
             )
         elif c.part is None and part is not None:  # after the parts: the references
             items.append('<li class="part-end" aria-hidden="true"></li>')
         part = c.part
-        num = f'<span class="num">{e(c.number)}</span> ' if c.number else ""
         sub = ""
-        if c is ch and c.sections:
-            sub = (
-                '\n    <ul class="sections">'
-                + "".join(
-                    f'\n      <li><a href="#{e(i)}">'
-                    + (f'<span class="num">{e(n)}</span> ' if n else "")
-                    + f"{e(s)}</a></li>"
-                    for i, n, s in c.sections
-                )
-                + "\n    </ul>"
-            )
+        if c is ch and sections:
+            sub = '\n    <ul class="sections">\n      ' + "\n      ".join(sections) + "\n    </ul>"
         active = ' class="active"' if c is ch else ""
-        items.append(f'<li{active}><a href="{c.page}">{num}{e(c.title)}</a>{sub}</li>')
-    sidebar = '  <ul class="chapters">\n    ' + "\n    ".join(items) + "\n  </ul>"
+        items.append(f'<li{active}><a href="{c.page}">{num(c.number)}{e(c.title)}</a>{sub}</li>')
 
-    i = book.chapters.index(ch)
-    nav = []
+    i, nav = book.chapters.index(ch), []
     if i > 0:
         p = book.chapters[i - 1]
-        nav.append(
-            f'<a class="prev" href="{p.page}"><small>Previous</small>&larr; {e(p.label())}</a>'
-        )
+        nav += [f'<a class="prev" href="{p.page}"><small>Previous</small>&larr; {e(p.label())}</a>']
     if i + 1 < len(book.chapters):
         n = book.chapters[i + 1]
-        nav.append(f'<a class="next" href="{n.page}"><small>Next</small>{e(n.label())} &rarr;</a>')
+        nav += [f'<a class="next" href="{n.page}"><small>Next</small>{e(n.label())} &rarr;</a>']
     title_block = ""
     if i == 0:
+        lines = [
+            ("book-title", f"<strong>{e(book.title)}</strong>"),
+            ("subtitle", e(book.subtitle or "")),
+        ]
+        lines += [("author", e(", ".join(book.authors))), ("date", e(book.date or ""))]
         title_block = (
             '<header class="title-block">\n'
-            f'<p class="book-title"><strong>{e(book.title)}</strong></p>\n'
-            + (f'<p class="subtitle">{e(book.subtitle)}</p>\n' if book.subtitle else "")
-            + (f'<p class="author">{e(", ".join(book.authors))}</p>\n' if book.authors else "")
-            + (f'<p class="date">{e(book.date)}</p>\n' if book.date else "")
+            + "".join(f'<p class="{cls}">{text}</p>\n' for cls, text in lines if text)
             + "</header>"
         )
     chapter_name = (("Appendix " if ch.appendix else "") + ch.label()) if ch.number else ch.title
     page_toc = ""
-    if ch.sections:  # the in-page contents, on the right of wide screens
+    if sections:  # the in-page contents, on the right of wide screens
         page_toc = (
             '<nav class="page-toc" aria-label="On this page">\n<p class="page-toc-title">On this '
-            'page</p>\n<ul>\n'
-            + "".join(
-                f'<li><a href="#{e(i)}">'
-                + (f'<span class="num">{e(n)}</span> ' if n else "")
-                + f"{e(t)}</a></li>\n"
-                for i, n, t in ch.sections
-            )
-            + "</ul>\n</nav>"
+            'page</p>\n<ul>\n' + "\n".join(sections) + "\n</ul>\n</nav>"
         )
     return template.substitute(
         page_toc=page_toc,
@@ -1353,7 +1106,7 @@ def html_page(ch, body, book: Book, template: string.Template):
         description=e(ch.description or book.subtitle or ""),
         book_title=e(book.title),
         page_title=e(f"{chapter_name} – {book.title}"),
-        sidebar=sidebar,
+        sidebar='  <ul class="chapters">\n    ' + "\n    ".join(items) + "\n  </ul>",
         pdf=e(book.output_file) + ".pdf",
         title_block=title_block,
         body=body,
@@ -1361,34 +1114,21 @@ def html_page(ch, body, book: Book, template: string.Template):
     )
 
 
-RAW_BLOCK = re.compile(r"^(`{3,}).*?^\1", re.MULTILINE | re.DOTALL)
 OLD_SYMBOL = re.compile(r"\b((?:dot|plus|minus|times|div|ast|slash|eq|backslash)\.)circle\b")
-
-
-# Inline code (left alone) or a formula; in one, `upright("pass@") k` (pandoc's \text{pass@}k).
-MATH_OR_CODE = re.compile(r"(`+).*?\1|(?<!\\)\$(?:[^$\\]|\\.)*\$", re.DOTALL)
+# Code (left alone) or a formula; in one, `upright("pass@") k` (pandoc's \text{pass@}k).
+CODE_OR_MATH = re.compile(r"(`+).*?\1|(?<!\\)\$(?:[^$\\]|\\.)*\$", re.DOTALL)
 TEXT_SPACE = re.compile(r'(upright\("(?:[^"\\]|\\.)*"\)) (?=\S)')
 
 
-def typst_math(text: str) -> str:
-    """pandoc writes TeX's `\\text{pass@}k` as `upright("pass@") k`, and in Typst maths a space
-    next to text is a space ("pass@ k"); in TeX maths spaces are never typeset: remove it."""
+def typst_symbols(text: str) -> str:
+    """Two fixes to pandoc's Typst maths, outside code: pandoc 3.9 writes symbols with Typst's old
+    `.circle` modifier (`\\odot` -> `dot.circle`), which Typst 0.14+ renamed `.o`; and it writes
+    TeX's `\\text{pass@}k` as `upright("pass@") k`, where Typst would set the space ("pass@ k")."""
 
     def fix(m):
-        return m.group(0) if m.group(1) else TEXT_SPACE.sub(r"\1", m.group(0))
+        return m[0] if m[1] else TEXT_SPACE.sub(r"\1", OLD_SYMBOL.sub(r"\1o", m[0]))
 
-    return MATH_OR_CODE.sub(fix, text)
-
-
-def typst_symbols(text: str) -> str:
-    """pandoc 3.9 writes math symbols with Typst's old `.circle` modifier (`\\odot` ->
-    `dot.circle`), which Typst 0.14+ renamed `.o`; rename them outside raw (code) blocks, and
-    remove the space after text in formulas (`typst_math`)."""
-    parts, last = [], 0
-    for m in RAW_BLOCK.finditer(text):
-        parts += [typst_math(OLD_SYMBOL.sub(r"\1o", text[last : m.start()])), m.group(0)]
-        last = m.end()
-    return "".join(parts + [typst_math(OLD_SYMBOL.sub(r"\1o", text[last:]))])
+    return CODE_OR_MATH.sub(fix, text)
 
 
 def sticky_intros(blocks):
@@ -1431,114 +1171,75 @@ def typst_document(book: Book, bodies: list, chapters=None) -> str:
 
 # Fonts. Typst has its own (Libertinus Serif, New Computer Modern, DejaVu Sans Mono) and gets
 # matplotlib's (DejaVu Sans, which the SVG figures name); system fonts are ignored, so the PDF is
-# the same on every machine. A character none of them has (Chinese, Japanese, Korean) would be drawn
-# as an empty box: for those the renderer adds a small Debian font package, installed
-# (`apt-get install fonts-wqy-microhei`) or fetched without root into the cache (`apt-get download`,
-# as the corpus is); what is still missing is shown as "[U+8A9E]", with a warning.
-FONT_PACKAGES = {  # package: (its fonts' directory when installed, the code points it is for)
-    "fonts-wqy-microhei": (
-        "/usr/share/fonts/truetype/wqy",
-        ((0x2E80, 0x9FFF), (0xAC00, 0xD7AF), (0xF900, 0xFAFF), (0xFE30, 0xFE4F), (0xFF00, 0xFFEF)),
-    ),
-}
-FONT_SUFFIXES = (".ttf", ".ttc", ".otf", ".otc")
+# the same on every machine. For Chinese, Japanese and Korean characters the renderer adds a small
+# Debian font package, installed (`apt-get install fonts-wqy-microhei`) or fetched without root into
+# the cache (`apt-get download`, as the corpus is); a character still without a font is shown as
+# "[U+8A9E]", with a warning.
+CJK_FONT, CJK_FONT_DIR = "fonts-wqy-microhei", Path("/usr/share/fonts/truetype/wqy")
+CJK = re.compile("[\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff\ufe30-\ufe4f\uff00-\uffef]")
+# Code points that need no glyph: controls, spaces, joiners, variation selectors.
+NO_GLYPH = re.compile(
+    "[\x00-\x20\x7f-\xa0\u00ad\u200b-\u200f\u2028-\u202f\u2060-\u206f\ufe00-\ufe0f]"
+)
 
 
 def cache_dir() -> Path:
     "The renderer's cache: `$MINILLM_CACHE/book`, beside minillm's data (~/.cache/minillm)."
-    base = os.environ.get("MINILLM_CACHE")
-    if not base:
-        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-        base = Path(base) / "minillm"
-    return Path(base) / "book"
-
-
-def font_cache() -> Path:
-    "Where fetched font packages are unpacked: `$MINILLM_CACHE/fonts`, as minillm caches data."
-    return cache_dir().parent / "fonts"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(os.environ.get("MINILLM_CACHE") or Path(base) / "minillm") / "book"
 
 
 def font_paths():
-    """Fonts besides Typst's own (Libertinus Serif, New Computer Modern, DejaVu Sans Mono): DejaVu
-    Sans, which the SVG figures name, from matplotlib (in the venv), so the PDF does not depend on
-    the fonts installed on the machine; and the packages of FONT_PACKAGES, installed or fetched."""
-    paths = []
-    try:
-        import matplotlib
+    """Fonts besides Typst's own: DejaVu Sans from matplotlib (in the venv), so the PDF does not
+    depend on the machine's fonts, and the CJK font package, fetched or installed."""
+    import matplotlib
 
-        ttf = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
-        if (ttf / "DejaVuSans.ttf").is_file():
-            paths.append(str(ttf))
-    except ImportError:
-        pass
-    for package, (system, _) in FONT_PACKAGES.items():
-        for d in (font_cache() / package, Path(system)):
-            if d.is_dir():
-                paths.append(str(d))
-                break
-    return paths
+    cjk = [p for p in (cache_dir().parent / "fonts" / CJK_FONT, CJK_FONT_DIR) if p.is_dir()]
+    return [str(Path(matplotlib.get_data_path()) / "fonts" / "ttf")] + [str(p) for p in cjk[:1]]
 
 
 @functools.lru_cache(maxsize=8)
 def font_coverage(paths: tuple) -> frozenset:
     """The code points the fonts in `paths` have. Last Resort (matplotlib ships it) is left out: it
     "has" every code point, as a box with the name of its block."""
-    typst = need("typst", "typst")
     from fontTools.ttLib import TTFont
 
-    cover, seen = set(), set()
+    typst = need("typst", "typst")
     fonts = typst.Fonts(include_system_fonts=False, include_embedded_fonts=False, font_paths=paths)
-    for f in fonts.fonts():
-        if (f.path, f.index) in seen or "last resort" in f.family.lower():
-            continue
-        seen.add((f.path, f.index))
-        try:
-            cover.update(TTFont(f.path, fontNumber=f.index, lazy=True).getBestCmap() or ())
-        except Exception:  # a font fontTools cannot read does not count
-            continue
+    cover = set()
+    for f in {(f.path, f.index) for f in fonts.fonts() if "last resort" not in f.family.lower()}:
+        with contextlib.suppress(Exception):  # a font fontTools cannot read does not count
+            cover.update(TTFont(f[0], fontNumber=f[1], lazy=True).getBestCmap() or ())
     return frozenset(cover)
 
 
 def fetch_font_package(package) -> bool:
-    """`apt-get download` the Debian font package and unpack its fonts into font_cache()/package
-    (no root needed). False where that is not possible (no apt-get, no network, unknown package)."""
-    dst = font_cache() / package
+    """`apt-get download` the Debian font package and unpack its fonts into the cache (no root
+    needed). False where that is not possible (no apt-get, no network, unknown package)."""
+    dst = cache_dir().parent / "fonts" / package
     if dst.is_dir():
         return True
-    if not (shutil.which("apt-get") and shutil.which("dpkg-deb")):
-        return False
     with tempfile.TemporaryDirectory() as d:
         try:
-            r = subprocess.run(
-                ["apt-get", "download", package], cwd=d, capture_output=True, timeout=120
-            )
+            cmd = ["apt-get", "download", package]
+            r = subprocess.run(cmd, cwd=d, capture_output=True, timeout=120)
             debs = list(Path(d).glob("*.deb"))
             if r.returncode or not debs:
                 return False
             subprocess.run(["dpkg-deb", "-x", str(debs[0]), f"{d}/x"], check=True, timeout=300)
         except (OSError, subprocess.SubprocessError):
             return False
-        files = [
-            f for f in Path(d, "x").rglob("*") if f.is_file() and f.suffix.lower() in FONT_SUFFIXES
-        ]
+        files = [f for f in Path(d, "x").rglob("*") if f.suffix.lower() in (".ttf", ".ttc", ".otf")]
         if not files:
             return False
         part = dst.with_name(f".{package}-{os.getpid()}")
-        shutil.rmtree(part, ignore_errors=True)
-        part.mkdir(parents=True)
+        part.mkdir(parents=True, exist_ok=True)
         for f in files + list(Path(d, "x").glob(f"usr/share/doc/{package}/copyright")):
             shutil.copyfile(f, part / f.name)
-        try:
-            part.rename(dst)  # whole or not at all; another build may have won the race
-        except OSError:
-            shutil.rmtree(part, ignore_errors=True)
+        with contextlib.suppress(OSError):  # whole or not at all; another build may have won
+            part.rename(dst)
+        shutil.rmtree(part, ignore_errors=True)
     return dst.is_dir()
-
-
-# Code points that need no glyph: controls, spaces, joiners, variation selectors.
-NO_GLYPH = re.compile(
-    r"[\x00-\x20\x7f-\xa0\u00ad\u200b-\u200f\u2028-\u202f\u2060-\u206f\ufe00-\ufe0f]"
-)
 
 
 def missing_glyphs(text: str, cover) -> list:
@@ -1547,44 +1248,25 @@ def missing_glyphs(text: str, cover) -> list:
     return [c for c in chars if ord(c) not in cover]
 
 
-def glyph_fallback(c: str) -> str:
-    "What the PDF shows for a character no font has: its code point, e.g. [U+8A9E]."
-    return f"[U+{ord(c):04X}]"
-
-
 def with_fonts(bodies: list, chapters: list, fetch=fetch_font_package):
     """The Typst bodies of `chapters` with every character that no font has replaced by its code
-    point (a warning names it and its chapter). First, where a package of FONT_PACKAGES has such
-    characters, it is fetched (`fetch`)."""
+    point (a warning names it and its chapter). First, where CJK characters are missing, the CJK
+    font package is fetched (`fetch`)."""
     cover = font_coverage(tuple(font_paths()))
-    missing = {ch.src: missing_glyphs(body, cover) for ch, body in zip(chapters, bodies)}
-    wanted = {c for cs in missing.values() for c in cs}
-    fetched = False
-    for package, (_, ranges) in FONT_PACKAGES.items():
-        if any(lo <= ord(c) <= hi for c in wanted for lo, hi in ranges):
-            fetched |= bool(fetch(package))
-    if fetched:
+    missing = [missing_glyphs(body, cover) for body in bodies]
+    if any(CJK.match(c) for cs in missing for c in cs) and fetch(CJK_FONT):
         cover = font_coverage(tuple(font_paths()))
     out = []
-    for ch, body in zip(chapters, bodies):
-        gone = [c for c in missing[ch.src] if ord(c) not in cover]
-        if gone:
-            packages = [
-                p
-                for p, (_, ranges) in FONT_PACKAGES.items()
-                if any(lo <= ord(c) <= hi for c in gone for lo, hi in ranges)
-            ]
-            hint = (
-                f"; `apt-get install {' '.join(packages)}` gives the PDF a font with them"
-                if packages
-                else ""
-            )
+    for ch, body, chars in zip(chapters, bodies, missing):
+        if gone := [c for c in chars if ord(c) not in cover]:
+            hint = f"; `apt-get install {CJK_FONT}` gives the PDF a font with them"
             warn(
                 f"{ch.src}: no font of the PDF has "
                 + ", ".join(f"{c} (U+{ord(c):04X})" for c in gone)
-                + f"; the PDF shows {glyph_fallback(gone[0])} instead{hint}"
+                + f"; the PDF shows [U+{ord(gone[0]):04X}] instead"
+                + (hint if any(CJK.match(c) for c in gone) else "")
             )
-            body = "".join(glyph_fallback(c) if c in gone else c for c in body)
+            body = "".join(f"[U+{ord(c):04X}]" if c in gone else c for c in body)
         out.append(body)
     return out
 
@@ -1592,24 +1274,14 @@ def with_fonts(bodies: list, chapters: list, fetch=fetch_font_package):
 def compile_pdf(tmp: Path, typ_name: str, pdf: Path, source: str):
     typst = need("typst", "typst")
     try:
-        typst.compile(
-            str(tmp / typ_name),
-            output=str(pdf),
-            root=str(tmp),
-            ignore_system_fonts=True,
-            font_paths=font_paths(),
-        )
+        fonts = dict(font_paths=font_paths(), ignore_system_fonts=True)
+        typst.compile(str(tmp / typ_name), output=str(pdf), root=str(tmp), **fonts)
     except typst.TypstError as e:
-        m = re.search(re.escape(typ_name) + r":(\d+):", getattr(e, "diagnostic", "") or "")
-        where = "the PDF"
-        if m:  # the chapter and cell the failing line came from
-            marks = [
-                l for l in source.splitlines()[: int(m[1])] if l.startswith("// minillm-source: ")
-            ]
-            if marks:
-                src = marks[-1][len("// minillm-source: ") :]
-                where = src.replace(" cell ", " (cell ") + (")" if " cell " in src else "")
         detail = getattr(e, "diagnostic", "") or str(e)
+        m = re.search(re.escape(typ_name) + r":(\d+):", detail)
+        lines = source.splitlines()[: int(m[1])] if m else []  # the chapter and cell it came from
+        marks = [l[19:] for l in lines if l.startswith("// minillm-source: ")] or ["the PDF"]
+        where = re.sub(r" cell (.*)", r" (cell \1)", marks[-1])
         raise BookError(f"{where}: Typst failed: {getattr(e, 'message', e)}\n{detail}") from None
 
 
@@ -1628,12 +1300,11 @@ class Result:
 
 
 ASSETS = ("style.css", "book.js", "favicon.svg")  # tools/book/ files the pages load
+TMP_PREFIX = ".book-tmp-"  # .book-tmp-<pid>-xxxx: a build's working directory next to the book
 
 
 def select_chapter(book: Book, chapter):
     "The chapter `--chapter 04` names: the one whose file name starts with it (or is it)."
-    if chapter is None:
-        return None
     matches = [c for c in book.chapters if c.stem == chapter or c.src == chapter]
     matches = matches or [c for c in book.chapters if c.stem.startswith(str(chapter))]
     if len(matches) != 1:
@@ -1647,15 +1318,9 @@ def render(project=".", out=None, chapter=None) -> Result:
     what is wrong. With `chapter` ("04"), only that chapter: its HTML page and a PDF of it alone
     (<name>.pdf), written into `out` beside the rest of the book, which is left as it is."""
     start = time.time()
-    for module, package in (
-        ("yaml", "pyyaml"),
-        ("pypandoc", "pypandoc-binary"),
-        ("typst", "typst"),
-    ):
-        need(module, package)
     project = Path(project).resolve()
     book = read_config(project)
-    only = select_chapter(book, chapter)
+    only = select_chapter(book, chapter) if chapter else None
     out = Path(out).resolve() if out else project / book.output_dir
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(out.parent)
@@ -1665,39 +1330,29 @@ def render(project=".", out=None, chapter=None) -> Result:
         with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
             keys = pool.submit(bibliography_keys, book)
             pool.submit(font_coverage, tuple(font_paths()))  # for `with_fonts`, meanwhile
-            api_version = list(
-                pool.map(lambda ch: parse_chapter(ch, tmp, book.lib_name), book.chapters)
-            )[0]
+            parse = lambda ch: parse_chapter(ch, tmp, book.lib_name)  # noqa: E731
+            api_version = list(pool.map(parse, book.chapters))[0]
+            references = cite_book(book, keys.result(), api_version)
+            if references:
+                references = add_references(book, references)
 
-            problems, cites = [], []
-            for ch in book.chapters:
-                cites += collect_citations(ch, keys.result(), book, problems)
-            if problems:
-                raise BookError("\n".join(dict.fromkeys(problems)))
-            references = None
-            if cites:
-                references = add_references(book, cite_book(book, cites, api_version))
-
-            labels, n_chapter, n_appendix = {}, 0, 0
+            labels, counts = {}, {False: 0, True: 0}  # chapters and appendices
             for ch in book.chapters:
                 number = None
-                if is_numbered(ch) and ch.appendix:
-                    n_appendix += 1
-                    number = chr(ord("A") + n_appendix - 1)
-                elif is_numbered(ch):
-                    n_chapter += 1
-                    number = str(n_chapter)
-                number_chapter(ch, number if book.number_sections else None, book, labels)
-            if references:
-                entries = []
-                walk(references.blocks, lambda t, c, *_: entries.append(c) if t == "Div" else None)
-                for (ident, classes, _), body in entries:
-                    if "csl-entry" in classes:
-                        target = Target(references, "reference", None, stringify(body))
-                        register(labels, ident, target, references, None)
+                if is_numbered(ch) and book.number_sections:
+                    counts[ch.appendix] += 1
+                    number = chr(64 + counts[True]) if ch.appendix else str(counts[False])
+                number_chapter(ch, number, book, labels)
+
+            def bib_entry(t, c, *_):  # a reference's id: the target of its citations' links
+                if t == "Div" and "csl-entry" in c[0][1]:
+                    target = Target(references, "", None, stringify(c[1]))
+                    register(labels, c[0][0], target, references, None)
+
+            walk(references.blocks if references else [], bib_entry)
 
             chapters = [only] if only else book.chapters
-            problems += [p for ch in chapters for p in ch.problems]
+            problems = [p for ch in chapters for p in ch.problems]
             listings = []  # the PDF's Python listings, highlighted by pandoc (`typst_listings`)
             asts = {
                 fmt: [
@@ -1712,15 +1367,13 @@ def render(project=".", out=None, chapter=None) -> Result:
             # half a second a call), the PDF's chapters and the HTML pages at once, on two cores.
             typst_out = pool.submit(write_all, asts["typst"], "typst", api_version, listings)
             html_out = pool.submit(write_all, asts["html"], "html", api_version)
-            bodies = with_fonts(typst_out.result(), chapters)
-            source = typst_document(book, bodies, chapters)
+            source = typst_document(book, with_fonts(typst_out.result(), chapters), chapters)
             name = only.stem if only else book.output_file
-            typ_name = f"{name}.typ"
             shutil.copyfile(TEMPLATES / "book.typ", tmp / TYPST_TEMPLATE)
-            (tmp / typ_name).write_text(source, encoding="utf-8")
+            (tmp / f"{name}.typ").write_text(source, encoding="utf-8")
             pdf = tmp / f"{name}.pdf"
             # Typst typesets (without the GIL) while the HTML pages are written and indexed.
-            typeset = pool.submit(compile_pdf, tmp, typ_name, pdf, source)
+            typeset = pool.submit(compile_pdf, tmp, f"{name}.typ", pdf, source)
 
             template = string.Template((TEMPLATES / "page.html").read_text(encoding="utf-8"))
             for ch, body in zip(chapters, html_out.result()):
@@ -1734,7 +1387,7 @@ def render(project=".", out=None, chapter=None) -> Result:
             if not only:
                 search_index(tmp)
             typeset.result()
-            (tmp / typ_name).unlink()
+            (tmp / f"{name}.typ").unlink()
             (tmp / TYPST_TEMPLATE).unlink()
         prune_cache()
         pages = len(re.findall(rb"/Type\s*/Page(?![a-zA-Z])", pdf.read_bytes()))
@@ -1744,60 +1397,40 @@ def render(project=".", out=None, chapter=None) -> Result:
             publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return Result(
-        chapters=len(chapters),
-        pages=pages,
-        pdf=out / pdf.name,
-        html=[out / ch.page for ch in chapters],
-        typst_source=source,
-        seconds=time.time() - start,
-    )
+    html_pages = [out / ch.page for ch in chapters]
+    return Result(len(chapters), pages, out / pdf.name, html_pages, source, time.time() - start)
 
 
 def search_index(site: Path):
     "Pagefind's full-text index of the pages (and its search UI files), into site/pagefind/."
-    try:
-        import pagefind  # noqa: F401  (the binary comes with pagefind[bin])
-    except ImportError:
-        raise BookError(
-            "the Python package `pagefind[bin]` is missing (the HTML book's search): "
-            "`pip install 'pagefind[bin]'` in the venv, or run `make book`"
-        ) from None
     cmd = [sys.executable, "-m", "pagefind", "--site", str(site), "--output-subdir", "pagefind"]
     r = subprocess.run(cmd + ["--keep-index-url", "--silent"], capture_output=True, text=True)
     if r.returncode != 0 or not (site / "pagefind" / "pagefind-ui.js").is_file():
-        raise BookError(f"pagefind (the search index) failed: {(r.stderr or r.stdout).strip()}")
-
-
-TMP_PREFIX = ".book-tmp-"  # .book-tmp-<pid>-xxxx: a build's working directory next to the book
+        raise BookError(
+            f"pagefind (the search index) failed: {(r.stderr or r.stdout).strip()} "
+            "(`pip install 'pagefind[bin]'` in the venv, or run `make book`)"
+        )
 
 
 def clean_stale(parent: Path):
-    """Remove the working directories of builds that were killed: those whose process is gone
-    (and, of an older renderer without the pid in the name, those over an hour old)."""
+    "Remove the working directories of builds that were killed (whose process is gone)."
     for d in parent.glob(TMP_PREFIX + "*"):
         m = re.match(re.escape(TMP_PREFIX) + r"(?:old-)?(\d+)-", d.name)
-        if m:
-            try:
-                os.kill(int(m[1]), 0)
-                continue  # a build still running
-            except ProcessLookupError:
-                pass
-            except PermissionError:
-                continue
-        elif time.time() - d.stat().st_mtime < 3600:
-            continue
-        shutil.rmtree(d, ignore_errors=True)
+        try:
+            if m:
+                os.kill(int(m[1]), 0)  # the build is still running
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except PermissionError:  # another user's build, running
+            pass
 
 
 def publish_chapter(tmp: Path, out: Path, ch):
     "One chapter's page, media, PDF and the assets, into the book directory (each file replaced)."
-    out.mkdir(parents=True, exist_ok=True)
-    files = [ch.page, f"{ch.stem}.pdf", *ASSETS]
     media = tmp / "media" / ch.stem
+    files = [ch.page, f"{ch.stem}.pdf", *ASSETS]
     files += [str(f.relative_to(tmp)) for f in media.rglob("*") if f.is_file()]
-    if (out / "media" / ch.stem).exists():
-        shutil.rmtree(out / "media" / ch.stem)
+    shutil.rmtree(out / "media" / ch.stem, ignore_errors=True)
     for name in files:
         (out / name).parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp / name, out / name)
@@ -1805,38 +1438,25 @@ def publish_chapter(tmp: Path, out: Path, ch):
 
 def publish(tmp: Path, out: Path):
     "Put the new book in place of the old one: two renames, so a reader never sees half a book."
-    old = None
+    old = out.parent / f"{TMP_PREFIX}old-{os.getpid()}-{tmp.name[-8:]}"
     if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}old-{os.getpid()}-", dir=out.parent))
-        old.rmdir()
         out.rename(old)
     try:
         tmp.rename(out)
     except OSError:
-        if old:
+        if old.exists():
             old.rename(out)
         raise
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(
-        description="Render the book (_quarto.yml) to PDF and HTML with pandoc and Typst."
-    )
+    ap = argparse.ArgumentParser(description="Render the book (_quarto.yml) to PDF and HTML.")
     ap.add_argument("--project", default=".", help="directory of _quarto.yml (default: .)")
+    ap.add_argument("--out", help="output directory (default: project.output-dir of _quarto.yml)")
+    ap.add_argument("--chapter", help="render only this chapter (`04`): its page and <name>.pdf")
     ap.add_argument(
-        "--out", default=None, help="output directory (default: project.output-dir of _quarto.yml)"
-    )
-    ap.add_argument(
-        "--chapter",
-        default=None,
-        help="render only this chapter (`04` or `04_attention`): its HTML page and <name>.pdf",
-    )
-    ap.add_argument(
-        "--check-notebooks",
-        action="store_true",
-        help="only check that every notebook is valid JSON (run before nbdev-export)",
+        "--check-notebooks", action="store_true", help="only check that the notebooks are JSON"
     )
     args = ap.parse_args(argv)
     try:
@@ -1846,11 +1466,10 @@ def main(argv=None):
     except BookError as e:
         print(f"render_book: error: {e}", file=sys.stderr)
         return 1
-    rel = lambda p: os.path.relpath(p)
+    more = f" (+{len(r.html) - 1} chapter pages)" if len(r.html) > 1 else ""
     print(
-        f"render_book: {r.chapters} chapter{'s' if r.chapters > 1 else ''}, {r.pages} PDF pages, "
-        f"built in {r.seconds:.1f} s\n  {rel(r.pdf)}\n  {rel(r.html[0])}"
-        + (f" (+{len(r.html) - 1} chapter pages)" if len(r.html) > 1 else "")
+        f"render_book: {r.chapters} chapter{'s' * (r.chapters > 1)}, {r.pages} PDF pages, built in "
+        f"{r.seconds:.1f} s\n  {os.path.relpath(r.pdf)}\n  {os.path.relpath(r.html[0])}{more}"
     )
     return 0
 
