@@ -64,13 +64,20 @@ from minillm.data import atomic_write_text, load_corpus, train_val_split
 from minillm.embeddings import random_batch
 from minillm.model import GPT, GPTConfig
 from minillm.tokenizer import load_or_train_tokenizer
-from minillm.train import PRESETS, TrainConfig, configure_optimizer, evaluate_bpc, train
+from minillm.train import PRESETS, Preset, TrainConfig, configure_optimizer, evaluate_bpc, train
 
 NANOGPT = {"seconds": 116.0, "iters": 2000, "tokens": 2000 * 12 * 64, "nats_per_char": 1.686}
 NANOGPT["bits_per_char"] = NANOGPT["nats_per_char"] / np.log(2)
 TARGET = 2.00  # bits/char, in nanoGPT's wall time (issue 13)
 # recipes tuned by benchmarks/quality_sweep.py (nbs/results/quality_sweep.json), not (yet) presets
-RECIPES = {}
+RECIPES = {
+    "austen-budget": Preset(
+        "BPE-2048, 4 layers of 128, batch 8: austen-tiny tuned for quality per compute",
+        tokenizer=dict(kind="bpe", vocab_size=2048),
+        model=dict(family="gpt2", n_layer=4, n_head=4, n_embd=128, context_length=128),
+        train=dict(batch_size=8, context_length=128, lr=3e-3, min_lr=3e-4, warmup_steps=100),
+    ),
+}
 
 
 def step_seconds(model, tokens, cfg: TrainConfig, steps: int, limit: float = np.inf) -> float:

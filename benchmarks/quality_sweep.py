@@ -104,7 +104,8 @@ def main(
             when=time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
         )
         records.append(rec)
-        atomic_write_text(path, json.dumps({"runs": records}, indent=1) + "\n")
+        command = ".venv/bin/python benchmarks/quality_sweep.py " + " ".join(sys.argv[1:])
+        atomic_write_text(path, json.dumps({"command": command, "runs": records}, indent=1) + "\n")
         print(
             f"{name:<24} {steps:6,d} steps {rec['bits_per_char']:.3f} bits/char "
             f"({rec['seconds']:.0f} s, load {load:.1f})",
