@@ -24,6 +24,8 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from .embeddings import check_positive_int
+
 # %% ../nbs/06_generate.ipynb #94a5e089
 def sample_next(
     logits: torch.Tensor,
@@ -61,8 +63,8 @@ def _check_sampling(max_new_tokens, temperature, top_k, top_p):
         raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be a non-negative integer")
     if not temperature >= 0:
         raise ValueError(f"temperature={temperature!r}: must be >= 0 (0 is greedy)")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k={top_k!r}: must be a positive integer or None")
+    if top_k is not None:
+        check_positive_int("top_k", top_k)
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p={top_p!r}: must be in (0, 1] or None")
 

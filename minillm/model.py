@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import CausalSelfAttention, KVCache
-from .embeddings import rope_cos_sin
+from .embeddings import check_positive_int, rope_cos_sin
 
 # %% ../nbs/05_model.ipynb #0ec792a5
 FAMILIES = ("gpt2", "llama")
@@ -69,9 +69,7 @@ class GPTConfig:
                 f"expected one of {', '.join(map(repr, FAMILIES))}"
             )
         for name in ("vocab_size", "context_length", "n_layer", "n_head", "n_embd"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name}={value!r}: must be a positive integer")
+            check_positive_int(name, getattr(self, name))
         gpt2 = self.family == "gpt2"
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
