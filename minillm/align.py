@@ -344,14 +344,14 @@ def implicit_pair_accuracy(
         ) / len(pairs)
 
 
-@torch.no_grad()
 def kl_to_ref(policy, ref, tok, prompts: list[str], seed: int = 0) -> float:
     """KL(π ‖ π_ref) per answer, estimated by sampling from π: the mean over answers of Σ (log π −
     log π_ref)."""
     replies = answers(policy, tok, prompts, temperature=1.0, seed=seed, decode=False)
-    batch = as_batch(*conversations(tok, prompts, replies), device_of(policy))
-    lp, mask, _ = sequence_logprobs(policy, *batch)
-    lr_, _, _ = sequence_logprobs(ref, *batch)
+    with evaluating(policy) as device, evaluating(ref):
+        batch = as_batch(*conversations(tok, prompts, replies), device)
+        lp, mask, _ = sequence_logprobs(policy, *batch)
+        lr_, _, _ = sequence_logprobs(ref, *batch)
     return ((lp - lr_) * mask).sum(1).mean().item()
 
 # %% ../nbs/12_align.ipynb #586b7df8

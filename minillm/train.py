@@ -577,7 +577,7 @@ class Preset:
 
 PRESETS = {
     "austen-tiny": Preset(
-        "BPE-1024, 4 layers of 128: trains in under 2 minutes on 2 CPU cores; "
+        "BPE-1024, 4 layers of 128: trains in a few minutes on a CPU; "
         "the later chapters start from it",
         tokenizer=dict(kind="bpe", vocab_size=1024),
         model=dict(family="gpt2", n_layer=4, n_head=4, n_embd=128, context_length=128),
@@ -794,8 +794,10 @@ def load_run(out_dir, device: str = "cpu") -> tuple[GPT, Tokenizer]:
 
 def run_dir(preset: str) -> Path:
     """Where `pretrained` keeps a preset's run: `cache_dir()/runs/<preset>-<hash>`, the hash of its
-    recipe and of `DATA_VERSION`, so a changed recipe, or changed training data, trains anew."""
-    recipe = {"preset": asdict(get_preset(preset)), "data": DATA_VERSION}
+    recipe (tokenizer, model, training; not its `about` text) and of `DATA_VERSION`, so a changed
+    recipe, or changed training data, trains anew."""
+    recipe = {k: v for k, v in asdict(get_preset(preset)).items() if k != "about"}
+    recipe["data"] = DATA_VERSION
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:8]
     return cache_dir() / "runs" / f"{preset}-{key}"
 

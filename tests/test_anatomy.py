@@ -106,6 +106,11 @@ def test_chapter_anatomy(path):
         if t == "code" and "@sec-" in s:
             problems.append(f"cell {i}: @sec- inside code")
     code = [(i, s) for i, (t, s) in enumerate(cs) if t == "code"]
+    for i, s in code:  # Quarto reads cell options only at the top of a cell
+        lines = s.splitlines()
+        top = next((k for k, line in enumerate(lines) if not line.startswith("#|")), len(lines))
+        if any(line.startswith("#|") for line in lines[top:]):
+            problems.append(f"cell {i}: a `#|` option after the cell's first other line")
     for (i, s), (j, nxt) in zip(code, code[1:] + [(None, "")]):
         if "NBVAL_IGNORE_OUTPUT" in s and not re.search(r"^\s*assert\b", nxt, re.M):
             problems.append(f"cell {i}: NBVAL_IGNORE_OUTPUT not followed by an assert cell")

@@ -570,6 +570,22 @@ def test_pretraining_tokens_put_the_end_token_between_the_novels(monkeypatch):
     assert run_dir("austen-tiny") != before
 
 
+def test_run_dir_follows_the_recipe_not_its_description(monkeypatch):
+    """Rewording a preset's `about` keeps its cached run; changing what it trains does not."""
+    import dataclasses
+
+    import minillm.train
+
+    before = run_dir("austen-tiny")
+    p = minillm.train.PRESETS["austen-tiny"]
+    presets = dict(minillm.train.PRESETS)
+    monkeypatch.setattr(minillm.train, "PRESETS", presets)
+    presets["austen-tiny"] = dataclasses.replace(p, about="reworded")
+    assert run_dir("austen-tiny") == before
+    presets["austen-tiny"] = dataclasses.replace(p, train={**p.train, "lr": p.train["lr"] / 2})
+    assert run_dir("austen-tiny") != before
+
+
 def test_evaluating_restores_the_mode_and_turns_off_gradients():
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5)).train()
     with evaluating(model) as device:
