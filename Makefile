@@ -34,10 +34,10 @@ corpus: $(STAMP)
 	@$(PY) -c "from minillm.data import load_novels; load_novels('debian')" 2>/dev/null || \
 	  { [ "$$(id -u)" = 0 ] && apt-get update -qq >/dev/null 2>&1; $(PY) -c "from minillm.data import load_novels; load_novels('debian')"; }
 
-# The trained austen-tiny model that the chapters from pretraining on load (about 2 minutes on 2 cores, once), and
-# its instruction-tuned version that fine-tuning, alignment, evaluation and chat load (about 3 minutes more, on one
-# thread so that its weights do not depend on the core count); both cached under
-# ~/.cache/minillm/runs. Training them here keeps every notebook within its time budget.
+# The trained austen-tiny model that the chapters from pretraining on load, and its instruction-tuned version that
+# fine-tuning, alignment, evaluation and chat load (a few minutes each, once), both trained on one thread so that
+# their weights, and so the stored outputs, do not depend on the core count; cached under ~/.cache/minillm/runs.
+# Training them here keeps every notebook within its time budget.
 models: corpus
 	@$(PY) -c "from minillm.train import pretrained; pretrained('austen-tiny', progress=True)"
 	@$(PY) -c "from minillm.finetune import instruction_tuned; instruction_tuned(progress=True)"

@@ -807,8 +807,9 @@ def pretrained(
 ) -> tuple[GPT, Tokenizer]:
     """A trained model in one call: loaded from `run_dir(preset)` when that run is complete,
     otherwise trained there first (deterministically; resuming an interrupted run), which it
-    announces in one line on stderr. `progress`: also show a progress bar while training; by default
-    only when stderr is a terminal (so notebooks and logs stay clean)."""
+    announces in one line on stderr. On a CPU it trains on one thread: sums taken in another order
+    give other weights, and the book's stored outputs come from these, on any machine. `progress`:
+    also show a progress bar while training; by default only when stderr is a terminal."""
     out_dir = run_dir(preset)
     with run_lock(out_dir / ".lock"):
         done = (out_dir / "metrics.json").exists() and find_checkpoint(out_dir / "ckpt") is not None
@@ -821,5 +822,11 @@ def pretrained(
             file=sys.stderr,
             flush=True,
         )
-        train_run(preset, out_dir, device, progress)
+        threads = torch.get_num_threads()
+        if torch.device(device).type == "cpu":
+            torch.set_num_threads(1)
+        try:
+            train_run(preset, out_dir, device, progress)
+        finally:
+            torch.set_num_threads(threads)
     return load_run(out_dir, device)

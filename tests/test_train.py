@@ -469,9 +469,16 @@ def test_pretrained_progress_by_default_only_on_a_terminal(tmp_path, monkeypatch
 
     calls = []
     monkeypatch.setattr(T, "run_dir", lambda preset: tmp_path / preset)
+    threads = []  # on a CPU, one thread: the weights must not depend on the core count
     monkeypatch.setattr(
-        T, "train_run", lambda preset, out, device, progress: calls.append(progress)
+        T,
+        "train_run",
+        lambda preset, out, device, progress: (
+            calls.append(progress),
+            threads.append(torch.get_num_threads()),
+        ),
     )
+    before = torch.get_num_threads()
     monkeypatch.setattr(T, "load_run", lambda out, device: "loaded")
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
     assert T.pretrained("austen-tiny") == "loaded" and calls == [False]
@@ -488,6 +495,7 @@ def test_pretrained_progress_by_default_only_on_a_terminal(tmp_path, monkeypatch
     (tmp_path / "austen-tiny" / "metrics.json").write_text("{}")
     assert T.pretrained("austen-tiny") == "loaded" and calls == [False, True, False]
     assert capsys.readouterr().err == ""  # a finished run loads without a word
+    assert threads == [1, 1, 1] and torch.get_num_threads() == before  # and restored
 
 
 def test_another_preset_is_refused_before_anything_is_written(tmp_path):
