@@ -29,6 +29,7 @@ __all__ = ['CHAT_TOKENS', 'SFT_RECIPE', 'LORA_TARGETS', 'finetune_loop', 'pad', 
 import hashlib
 import json
 import math
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -310,12 +311,19 @@ def sft_dir() -> Path:
 def instruction_tuned(device: str = "cpu", progress: bool = False) -> tuple[GPT, object]:
     """The instruction-tuned model in one call: loaded from `sft_dir()`, or first fine-tuned there
     from `pretrained(SFT_RECIPE['base'])` on `instruction_examples('train')`, on one CPU thread, so
-    that the weights are the same whatever the machine's thread count."""
+    that the weights are the same whatever the machine's thread count; training is announced in
+    one line on stderr, as by `pretrained`."""
     out = sft_dir()
     with run_lock(out / ".lock"):
         if not ((out / "metrics.json").exists() and find_checkpoint(out / "ckpt")):
             r = SFT_RECIPE
             model, tok = pretrained(r["base"])
+            print(
+                f"instruction_tuned: fine-tuning {r['base']} once ({r['steps']} steps on one "
+                f"thread), into {out}; later calls load it",
+                file=sys.stderr,
+                flush=True,
+            )
             torch.manual_seed(r["seed"])
             records = instruction_examples("train", n_per_novel=r["n_per_novel"], seed=r["seed"])
             threads = torch.get_num_threads()

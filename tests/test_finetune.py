@@ -187,3 +187,25 @@ def test_scores_are_the_classifier_outputs_cropped_to_the_context(model, tok):
     assert predict(clf, tok, ["Emma."]) == scores(clf, [tok.encode("Emma.")]).argmax(-1).tolist()
     rm = Classifier(model, 1, zero_head=True)
     assert torch.equal(scores(rm, seqs), torch.zeros(2, 1))  # a reward model starts at 0
+
+
+def test_instruction_tuned_says_when_it_trains_and_loads_silently(
+    tmp_path, monkeypatch, capsys, model, tok
+):
+    """The first call fine-tunes (here: a stand-in that takes no steps) and says so in one line on
+    stderr, on one thread; the second loads the run without a word."""
+    import minillm.finetune as FT
+
+    monkeypatch.setattr(FT, "sft_dir", lambda: tmp_path / "sft")
+    monkeypatch.setattr(FT, "pretrained", lambda base: (model, tok))
+    monkeypatch.setattr(FT, "instruction_examples", lambda *a, **k: [])
+    threads = []
+    monkeypatch.setattr(
+        FT, "finetune", lambda *a, **k: threads.append(torch.get_num_threads()) or [1.0]
+    )
+    m, t = FT.instruction_tuned()
+    assert capsys.readouterr().err.startswith("instruction_tuned: fine-tuning austen-tiny once")
+    assert threads == [1] and (tmp_path / "sft" / "metrics.json").exists()
+    torch.testing.assert_close(m.lm_head.weight, model.lm_head.weight)
+    FT.instruction_tuned()
+    assert capsys.readouterr().err == "" and threads == [1]
