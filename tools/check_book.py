@@ -21,7 +21,6 @@ phone). It fails, listing every problem, on:
     .venv/bin/python tools/check_book.py [--book book] [--screenshots DIR]
 """
 
-import argparse
 import functools
 import http.server
 import os
@@ -31,6 +30,8 @@ import threading
 import time
 from pathlib import Path
 from urllib.parse import unquote, urljoin, urlsplit
+
+from fastcore.script import anno_parser
 
 PAGE_FACTS = """() => {
   const closedCheck = (e) => e.closest('details:not([open])') !== null;
@@ -230,13 +231,13 @@ def link_problems(book: Path, base: str, facts: dict):
     return out
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description="Check the HTML book in headless Chromium.")
-    ap.add_argument("--book", default="book", help="the rendered book (default: book)")
-    ap.add_argument("--chromium", default=None, help="the browser (default: /usr/bin/chromium)")
-    ap.add_argument("--screenshots", default=None, help="save a few screenshots into this folder")
-    args = ap.parse_args(argv)
-    chromium = find_chromium(args.chromium)
+def check_book(
+    book: str = "book",  # the rendered book
+    chromium: str = None,  # the browser (default: /usr/bin/chromium)
+    screenshots: str = None,  # save a few screenshots into this folder
+) -> int:
+    "Check the HTML book in headless Chromium."
+    chromium = find_chromium(chromium)
     if not chromium:
         print(
             "check_book: error: Chromium is missing: `apt-get install chromium` (as root)",
@@ -249,8 +250,8 @@ def main(argv=None):
         print("check_book: error: playwright is missing: run `make venv`", file=sys.stderr)
         return 1
     start = time.time()
-    shots = Path(args.screenshots) if args.screenshots else None
-    problems, n = check(Path(args.book), chromium, shots)
+    shots = Path(screenshots) if screenshots else None
+    problems, n = check(Path(book), chromium, shots)
     for p in problems:
         print(f"check_book: {p}", file=sys.stderr)
     print(
@@ -258,6 +259,13 @@ def main(argv=None):
         f"in {time.time() - start:.0f} s"
     )
     return 1 if problems else 0
+
+
+def main(argv=None) -> int:
+    "`tools/check_book.py [options]`: `check_book` with the options of the command line."
+    args = vars(anno_parser(check_book, prog="tools/check_book.py").parse_args(argv))
+    args.pop("pdb", None), args.pop("xtra", None)  # fastcore's own options
+    return check_book(**args)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,6 @@ pandoc markdown). Not supported (no chapter uses them): executing code, shortcod
 than @sec-/@fig-, `crossref:` options, sub-figures, other cell options, raw cells, attachments.
 """
 
-import argparse
 import ast
 import base64
 import concurrent.futures
@@ -67,6 +66,7 @@ from urllib.parse import unquote
 
 import pandocfilters as pf
 import tomllib
+from fastcore.script import anno_parser
 from pandocfilters import Div, Link, Plain, RawBlock, RawInline, Space, Span, Str, stringify
 
 TEMPLATES = Path(__file__).resolve().parent / "book"
@@ -346,7 +346,7 @@ def read_notebook(path: Path, name):
     return nb
 
 
-def check_notebooks(project: Path):
+def check_notebook_json(project: Path):
     """Every notebook of nbdev's nbs_path is valid JSON: run before nbdev-export, whose traceback
     for a broken notebook never names the file."""
     for path in sorted((project / nbdev_config(project).get("nbs_path", "nbs")).rglob("*.ipynb")):
@@ -1450,19 +1450,17 @@ def publish(tmp: Path, out: Path):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description="Render the book (_quarto.yml) to PDF and HTML.")
-    ap.add_argument("--project", default=".", help="directory of _quarto.yml (default: .)")
-    ap.add_argument("--out", help="output directory (default: project.output-dir of _quarto.yml)")
-    ap.add_argument("--chapter", help="render only this chapter (`04`): its page and <name>.pdf")
-    ap.add_argument(
-        "--check-notebooks", action="store_true", help="only check that the notebooks are JSON"
-    )
-    args = ap.parse_args(argv)
+def build(
+    project: str = ".",  # directory of _quarto.yml
+    out: str = None,  # output directory (default: project.output-dir of _quarto.yml)
+    chapter: str = None,  # render only this chapter (`04`): its page and <name>.pdf
+    check_notebooks: bool = False,  # only check that the notebooks are JSON
+) -> int:
+    "Render the book (_quarto.yml) to PDF and HTML."
     try:
-        if args.check_notebooks:
-            return check_notebooks(Path(args.project)) or 0
-        r = render(args.project, args.out, args.chapter)
+        if check_notebooks:
+            return check_notebook_json(Path(project)) or 0
+        r = render(project, out, chapter)
     except BookError as e:
         print(f"render_book: error: {e}", file=sys.stderr)
         return 1
@@ -1472,6 +1470,13 @@ def main(argv=None):
         f"{r.seconds:.1f} s\n  {os.path.relpath(r.pdf)}\n  {os.path.relpath(r.html[0])}{more}"
     )
     return 0
+
+
+def main(argv=None) -> int:
+    "`tools/render_book.py [options]`: `build` with the options of the command line."
+    args = vars(anno_parser(build, prog="tools/render_book.py").parse_args(argv))
+    args.pop("pdb", None), args.pop("xtra", None)  # fastcore's own options
+    return build(**args)
 
 
 if __name__ == "__main__":
