@@ -44,6 +44,7 @@ from .tokenizer import load_or_train_tokenizer
 from minillm.train import (
     PRESETS,
     TrainConfig,
+    device_of,
     get_preset,
     pretraining_tokens,
     train,
@@ -136,7 +137,7 @@ def wrap_ddp(model: torch.nn.Module, device=None) -> torch.nn.Module:
     itself."""
     if not dist.is_initialized():
         return model
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    device = torch.device(device) if device is not None else device_of(model)
     return DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None
     )
