@@ -1005,6 +1005,9 @@ def resolve(ch, fmt, book: Book, labels: dict, problems: list, present=None, lis
                 c[2].append(raw("html", anchor, False))
             return None
         # Typst
+        if t == "Str" and DIGIT_APOSTROPHE.search(c):  # Typst sets ' after a digit as a prime:
+            parts = DIGIT_APOSTROPHE.split(c)  # "GPT-2′s"; pandoc writes ’ as ', so a raw ’
+            return [x for p in parts for x in (Str(p), raw("typst", "\u2019", False))][:-1]
         if t == "CodeBlock" and "python" in a[1]:
             listings.append(c)
             return raw("typst", f"// minillm-listing {len(listings) - 1}")
@@ -1033,6 +1036,10 @@ def resolve(ch, fmt, book: Book, labels: dict, problems: list, present=None, lis
                 return each(body)  # code blocks styled by their "language": stdout, stderr, error
 
     return walk(json.loads(json.dumps(ch.blocks)), visit)  # a copy: `visit` changes it in place
+
+
+# after a digit, or opening a Str that follows one ("@sec-x's" -> a link "Chapter 7", then "'s")
+DIGIT_APOSTROPHE = re.compile(r"(?:(?<=\d)|^)['\u2019](?=[a-z])")
 
 
 def typst_str(s):
