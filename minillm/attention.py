@@ -145,7 +145,7 @@ class CausalSelfAttention(nn.Module):
         B, _, C = x.shape
         nh, nkv, hs = self.n_head, self.n_kv_head, self.head_dim
         cache._check(1)
-        h = self.c_attn(x).view(B, nh + 2 * nkv, 1, hs)  # q, k and v heads, one position each
+        h = self.c_attn.forward(x).view(B, nh + 2 * nkv, 1, hs)  # the q, k, v heads, one position
         if rope is not None:  # rotate the queries and keys in one call
             h = torch.cat([apply_rope(h[:, : nh + nkv], *rope), h[:, nh + nkv :]], dim=1)
         end = cache.pos + 1
@@ -154,4 +154,4 @@ class CausalSelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(
             h[:, :nh], cache.k[:, :, :end], cache.v[:, :, :end], enable_gqa=nh != nkv
         )  # (B, nh, 1, hs)
-        return self.c_proj(y.reshape(B, 1, C))
+        return self.c_proj.forward(y.reshape(B, 1, C))

@@ -123,13 +123,15 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(cfg.mlp_hidden, cfg.n_embd, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x):  # (B, T, C)
-        h = self.c_fc(x)  # (B, T, H), or (B, T, 2H) for SwiGLU
+    def act(self, h):  # (B, T, H), or (B, T, 2H) for SwiGLU
+        "The nonlinearity between the two layers: GELU, or SwiGLU's silu(gate) * up."
         if self.gated:
             gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up  # (B, T, H)
-        else:
-            h = F.gelu(h, approximate=self.gelu)
+            return F.silu(gate) * up  # (B, T, H)
+        return F.gelu(h, approximate=self.gelu)
+
+    def forward(self, x):  # (B, T, C)
+        h = self.act(self.c_fc(x))  # (B, T, H)
         h = self.c_proj(h)  # (B, T, C)
         # dropout at p = 0, or outside training, is the identity: skip the call
         return self.dropout(h) if self.training and self.dropout.p else h
@@ -227,18 +229,20 @@ class GPT(nn.Module):
     def _decode(self, idx, cache: list[KVCache], pos: int):
         """The logits `(B, 1, V)` of one new token per sequence, `idx` `(B, 1)` at position `pos`,
         through the KV cache: the operations of `forward`, so the same logits, without its general
-        Python (no dropout, no block calls, no `last_only` slice); each attention layer takes its
-        own one-token path."""
-        x = self.wte(idx)  # (B, 1, C)
+        Python (no dropout, no `last_only` slice, each attention layer's one-token path). It calls
+        each module's `forward` directly, not the module: that skips `nn.Module.__call__`, whose
+        checks cost more than a one-token layer's arithmetic, and with it any hooks."""
+        x = self.wte.forward(idx)  # (B, 1, C)
         rope = None
         if self.wpe is not None:
             x = x + self.wpe.weight[pos : pos + 1]
         else:
             rope = (self.rope_cos[pos : pos + 1], self.rope_sin[pos : pos + 1])
         for block, c in zip(self.h, cache):
-            x = x + block.attn(block.ln_1(x), rope, c)
-            x = x + block.mlp(block.ln_2(x))
-        return self.lm_head(self.ln_f(x))  # (B, 1, V)
+            x = x + block.attn._decode(block.ln_1.forward(x), rope, c)
+            mlp = block.mlp  # its forward, written out: c_fc, act, c_proj
+            x = x + mlp.c_proj.forward(mlp.act(mlp.c_fc.forward(block.ln_2.forward(x))))
+        return self.lm_head.forward(self.ln_f.forward(x))  # (B, 1, V)
 
     def new_cache(self, batch_size: int = 1, max_len: int | None = None) -> list[KVCache]:
         """An empty KV cache, one `KVCache` per layer, for `batch_size` sequences of up to `max_len`

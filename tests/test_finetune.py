@@ -91,6 +91,25 @@ def test_lora_starts_at_base_and_merges_exactly(model, tok):
     assert n_trainable(lora) == lora_params + len(tok.special_tokens) * 32
 
 
+def test_lora_adapters_act_on_the_cached_decode_path(model):
+    """Generation's one-token step (`GPT._decode`) calls the modules' `forward` directly: an
+    unmerged adapter must still act there, as on the general path."""
+    lora = add_lora(model, r=4, alpha=8).eval()
+    for m in lora_layers(lora):
+        torch.nn.init.normal_(m.B)  # a non-zero update
+    x = torch.randint(0, 200, (2, 9))
+    with torch.no_grad():
+        full = lora(x)[0]
+        cache = lora.new_cache(batch_size=2)
+        steps = [lora(x[:, :6], cache=cache)[0]]
+        steps += [lora(x[:, t : t + 1], cache=cache)[0] for t in range(6, 9)]  # the decode path
+        for m in lora_layers(lora):
+            m.B.zero_()
+        without = lora(x)[0]  # the adapters switched off
+    assert (full - without).abs().max() > 1e-2  # the adapters change the logits
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
+
+
 def test_lora_training_moves_only_adapters_and_special_rows(model, tok):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     specials = list(tok.special_tokens.values())
