@@ -8,16 +8,17 @@ budget is a recorded measurement of it on this machine type (116 s; validation l
 = 2.43 bits/char), which only a run on the same day compares with; with `--nanogpt-dir` (below) it
 is measured in the same run, which is the comparison.
 
-Ours: a preset (`--preset`, default `austen-tiny`: BPE-1024, 4 layers of 128, context 128, batch
-16, warmup + cosine; or a recipe of `RECIPES` below, tuned by `benchmarks/quality_sweep.py`) trained
-from scratch for as many steps as fit the budget, whose clock starts before the tokenizer
-loads. The step time is calibrated first on a throwaway copy of the model (those seconds count
-against the budget; at most `--calibrate` steps, fewer once they take 10% of it), then `max_steps`
-is set so that everything ends within it, and the learning-rate schedule is laid out over exactly
-those steps (the mean step time of the calibration, with 10% to spare: the training loop, with its
-final evaluation, ran about 10% slower per step than the calibration on a quiet machine).
-Bits/char are measured by `evaluate_bpc` on the whole validation split (every token once), after
-the clock has stopped. The target is ≤ 2.00 bits/char.
+Ours: a preset of `minillm.train.PRESETS` (`--preset`, default `austen-tiny`: BPE-1024, 4 layers of
+128, context 128, batch 16, warmup + cosine; `austen-budget` is that recipe with BPE-2048 and batch
+8, tuned for quality per compute by `benchmarks/quality_sweep.py`) trained from scratch for as many
+steps as fit the budget, whose clock starts before the tokenizer loads. The step time is calibrated
+first on a throwaway copy of the model (those seconds count against the budget; at most
+`--calibrate` steps, fewer once they take 10% of it), then `max_steps` is set so that everything
+ends within it, and the learning-rate schedule is laid out over exactly those steps (the mean step
+time of the calibration, with 10% to spare: the training loop, with its final evaluation, ran about
+10% slower per step than the calibration on a quiet machine). Bits/char are measured by
+`evaluate_bpc` on the whole validation split (every token once), after the clock has stopped. The
+target is ≤ 2.00 bits/char.
 
 With `--char-baseline`, our model also trains nanoGPT's char-level recipe for its 2,000 iterations
 (same shape, batch, context, learning rate 1e-3 decaying to 1e-4 after 100 warmup steps), to
@@ -68,7 +69,6 @@ from minillm.model import GPT, GPTConfig
 from minillm.tokenizer import load_or_train_tokenizer
 from minillm.train import (
     PRESETS,
-    Preset,
     TrainConfig,
     configure_optimizer,
     evaluate_bpc,
@@ -79,15 +79,6 @@ from minillm.train import (
 NANOGPT = {"seconds": 116.0, "iters": 2000, "tokens": 2000 * 12 * 64, "nats_per_char": 1.686}
 NANOGPT["bits_per_char"] = NANOGPT["nats_per_char"] / np.log(2)
 TARGET = 2.00  # bits/char, in nanoGPT's wall time (issue 13)
-# recipes tuned by benchmarks/quality_sweep.py (nbs/results/quality_sweep.json), not (yet) presets
-RECIPES = {
-    "austen-budget": Preset(
-        "BPE-2048, 4 layers of 128, batch 8: austen-tiny tuned for quality per compute",
-        tokenizer=dict(kind="bpe", vocab_size=2048),
-        model=dict(family="gpt2", n_layer=4, n_head=4, n_embd=128, context_length=128),
-        train=dict(batch_size=8, context_length=128, lr=3e-3, min_lr=3e-4, warmup_steps=100),
-    ),
-}
 
 
 def step_seconds(model, tokens, cfg: TrainConfig, steps: int, limit: float = np.inf) -> float:
@@ -257,7 +248,7 @@ def main(
     char_iters: int = NANOGPT["iters"],  # steps of that run (nanoGPT's recipe: 2,000)
     nanogpt_dir: str = None,  # a nanoGPT checkout: run its recipe here, its wall time the budget
     iters: int = NANOGPT["iters"],  # with --nanogpt-dir: nanoGPT's max_iters (the recipe: 2,000)
-    preset: str = "austen-tiny",  # ours: a preset of minillm.train.PRESETS or of RECIPES here
+    preset: str = "austen-tiny",  # ours: a preset of minillm.train.PRESETS (e.g. austen-budget)
     out: str = None,  # also write the table as JSON here (e.g. nbs/results/quality.json)
 ):
     torch.set_num_threads(threads)
@@ -288,11 +279,9 @@ def main(
         f"budget {budget:.1f} s; "
         "bits/char on the whole validation split\n"
     )
-    recipe = {**PRESETS, **RECIPES}.get(preset)
+    recipe = PRESETS.get(preset)
     if recipe is None:
-        raise SystemExit(
-            f"--preset {preset}: unknown; choose one of {', '.join(PRESETS | RECIPES)}"
-        )
+        raise SystemExit(f"--preset {preset}: unknown; choose one of {', '.join(PRESETS)}")
     ours = run(recipe, budget, calibrate)
     rows.append(
         (

@@ -7,8 +7,9 @@ budget there measures the neighbours' load as much as the recipe (one 200-second
 `austen-tiny` under a load of 4 to 7 on 2 cores got 193 steps and ran 822 s). Each variant gets as
 many steps as its training FLOPs per step (`flops_per_token(cfg, T, training=True)` times the tokens
 of a step) allow within `--base-steps` steps of `austen-tiny`, so its result does not depend on the
-load or the thread count; the winner is then checked against nanoGPT on the wall clock by
-`benchmarks/quality.py --nanogpt-dir DIR`. One factor at a time (learning rate, tokenizer size,
+load or the thread count; the winner (BPE-2048 + batch 8, now the preset `austen-budget` of
+`minillm.train.PRESETS`) is then checked against nanoGPT on the wall clock by `benchmarks/quality.py
+--nanogpt-dir DIR --preset austen-budget`. One factor at a time (learning rate, tokenizer size,
 batch and context, width), then the factors that helped, combined. Each run appends its record to
 `--out` (default `nbs/results/quality_sweep.json`) as soon as it ends. The tokenizers are trained
 (or read from the cache) first, as nanoGPT's `prepare.py` runs before its `train.py`.

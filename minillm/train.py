@@ -592,6 +592,22 @@ PRESETS = {
             checkpoint_interval=250,
         ),
     ),
+    "austen-budget": Preset(
+        "austen-tiny with BPE-2048 and batches of 8: quality per compute on a CPU budget, "
+        "tuned by the equal-compute sweep of chapter 9",
+        tokenizer=dict(kind="bpe", vocab_size=2048),
+        model=dict(family="gpt2", n_layer=4, n_head=4, n_embd=128, context_length=128),
+        train=dict(
+            batch_size=8,
+            context_length=128,
+            max_steps=1000,
+            lr=3e-3,
+            min_lr=3e-4,
+            warmup_steps=100,
+            eval_interval=250,
+            checkpoint_interval=250,
+        ),
+    ),
     "austen-15m": Preset(
         "BPE-4096, 8 layers of 384: the book's big model; hours on a CPU, minutes on a GPU",
         tokenizer=dict(kind="bpe", vocab_size=4096),
@@ -672,7 +688,8 @@ def hardware(device: str = "cpu") -> str:
         if os.path.exists("/proc/cpuinfo")
         else "CPU"
     )
-    return f"{model}, {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    return f"{model}, {threads} thread{'s' if threads != 1 else ''}"
 
 
 def check_run(out_dir, preset: str | Preset, tok: Tokenizer | None = None, **overrides) -> bool:

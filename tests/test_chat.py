@@ -323,23 +323,27 @@ def test_cli_help_shows_choices_and_the_cache(capsys, monkeypatch, tmp_path):
     assert PRESET_NAMES == tuple(PRESETS)  # the names --help lists are the presets that exist
     monkeypatch.setenv("COLUMNS", "200")
     monkeypatch.setenv("MINILLM_CACHE", str(tmp_path / "cache"))
-    helps = {}
+    helps, flat = {}, {}  # flat: without the spaces, as argparse breaks a long path at a hyphen
     for name in ("train", "sample", "tokenize", "chat", "eval"):
         with pytest.raises(SystemExit) as e:
             main([name, "--help"])
         assert e.value.code == 0
         helps[name] = " ".join(capsys.readouterr().out.split())  # argparse wraps long paths
-        assert f"cache: {tmp_path / 'cache'} (set MINILLM_CACHE" in helps[name]
-    assert "--preset {austen-tiny,austen-15m,gpt2-124m}" in helps["train"]
+        flat[name] = "".join(helps[name].split())
+        assert f"cache:{tmp_path / 'cache'}(setMINILLM_CACHE" in flat[name]
+    assert "--preset {austen-tiny,austen-budget,austen-15m,gpt2-124m}" in helps["train"]
     assert "--dtype {float32,bfloat16}" in helps["train"]
-    assert f"(default: {tmp_path / 'cache'}/runs/<preset>-<recipe hash>)" in helps["train"]
-    assert f"(default: {tmp_path / 'cache'}/runs/austen-tiny-<recipe hash>)" in helps["sample"]
+    assert f"(default:{tmp_path / 'cache'}/runs/<preset>-<recipehash>)" in flat["train"]
+    assert f"(default:{tmp_path / 'cache'}/runs/austen-tiny-<recipehash>)" in flat["sample"]
     assert (
         "--kind {bpe,char}" in helps["tokenize"] and "--split {train,val,all}" in helps["tokenize"]
     )
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    assert "presets: austen-tiny, austen-15m, gpt2-124m" in out and "MINILLM_CACHE" in out
+    assert (
+        "presets: austen-tiny, austen-budget, austen-15m, gpt2-124m" in out
+        and "MINILLM_CACHE" in out
+    )
     with pytest.raises(SystemExit) as e:
         main(["tokenize", "--split", "test"])  # refused by argparse, before any work
     assert e.value.code == 2 and "invalid choice: 'test'" in capsys.readouterr().err

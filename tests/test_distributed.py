@@ -284,7 +284,7 @@ def test_command_line_options(capsys):
     out = " ".join(capsys.readouterr().out.split())
     for option in ("--preset", "--out", "--max-steps", "--batch-size", "--grad-accum"):
         assert option in out
-    assert "{austen-tiny,austen-15m,gpt2-124m}" in out and "(per rank)" in out
+    assert "{austen-tiny,austen-budget,austen-15m,gpt2-124m}" in out and "(per rank)" in out
     with pytest.raises(SystemExit) as e:
         main(["--preset", "austen-huge"])
     assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err

@@ -594,6 +594,31 @@ def test_run_dir_follows_the_recipe_not_its_description(monkeypatch):
     assert run_dir("austen-tiny") != before
 
 
+def test_austen_budget_is_austen_tiny_with_the_sweeps_two_changes():
+    """The preset `austen-budget` is the winner of the equal-compute sweep of chapter 9
+    (`benchmarks/quality_sweep.py`): austen-tiny with BPE-2048 and batch 8, nothing else changed."""
+    from minillm.train import PRESETS, get_preset
+
+    tiny, budget = PRESETS["austen-tiny"], get_preset("austen-budget")
+    assert budget.tokenizer == {**tiny.tokenizer, "vocab_size": 2048}
+    assert budget.model == tiny.model and budget.train == {**tiny.train, "batch_size": 8}
+    assert "quality per compute" in budget.about and "sweep" in budget.about
+    assert run_dir("austen-budget") != run_dir("austen-tiny")
+    sweep = Path(__file__).parents[1] / "nbs" / "results" / "quality_sweep.json"
+    (won,) = [r for r in json.loads(sweep.read_text())["runs"] if r["name"] == "BPE-2048 + batch 8"]
+    assert (won["tokenizer"], won["model"]) == (budget.tokenizer, budget.model)
+    assert won["train"] == {k: v for k, v in budget.train.items() if k != "max_steps"}
+
+
+def test_hardware_says_thread_or_threads(monkeypatch):
+    "One thread is '1 thread', not '1 threads'."
+    from minillm.train import hardware
+
+    for n, words in ((1, ", 1 thread"), (2, ", 2 threads")):
+        monkeypatch.setattr(torch, "get_num_threads", lambda n=n: n)
+        assert hardware("cpu").endswith(words)
+
+
 def test_evaluating_restores_the_mode_and_turns_off_gradients():
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5)).train()
     with evaluating(model) as device:
