@@ -1035,10 +1035,14 @@ def encode_chat(
     _check_messages(messages)
     sp, ids, mask = tok.special_tokens, [], []
     for m in messages:
-        try:
-            body = tok.encode(m["content"])  # special-token text in a message is refused here
-        except ValueError as e:
-            raise ValueError(f"{m['role']} message: {e}") from None
+        text = m["content"]
+        if found := sorted((text.index(s), s) for s in sp if s in text):  # could forge a turn
+            at, s = found[0]
+            raise ValueError(
+                f"{m['role']} message: the text contains the special token {s!r} (at character "
+                f"{at}); a message may not contain special-token text"
+            )
+        body = tok.encode(text)
         learn = int(m["role"] == "assistant")
         ids += [sp[f"<|{m['role']}|>"], *body, sp["<|end|>"]]
         mask += [0] + [learn] * (len(body) + 1)

@@ -10,6 +10,7 @@ rejects) and check that the build fails naming the file and cell, and leaves the
 book as it was. The browser checks of the HTML book are tools/check_book.py (`make check-book`).
 """
 
+import ast
 import base64
 import html
 import importlib.util
@@ -19,6 +20,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import warnings
 import zlib
 from pathlib import Path
 
@@ -246,7 +248,8 @@ def write_project(root: Path):
             new_markdown_cell(
                 "## A section {#sec-two-a}\n\nBack to @sec-one-second and @fig-dots, and "
                 "[the preface](index.ipynb). "
-                "@lamport1994latex wrote a manual.[^fn]\n\n[^fn]: A footnote of chapter two."
+                "@lamport1994latex wrote a manual.[^fn] Kaplan et al.'s law, GPT-2's size and "
+                "Austen's novels.\n\n[^fn]: A footnote of chapter two."
             ),
             new_code_cell(
                 "show_markdown()",
@@ -558,6 +561,20 @@ def test_real_book_renders(tmp_path):
             ["pdftotext", str(out / "minillm.pdf"), "-"], capture_output=True, text=True
         ).stdout
         assert not re.findall(r"\d\u2032[a-z]", text)
+        assert not re.findall(r"[^\W\d_]\.\u2018[a-z]", text)  # "et al.‘s": an opening quote
+
+
+def test_apostrophes_typst_would_set_otherwise(built):
+    """Typst sets ' after a digit as a prime ("GPT-2′s") and after "al." as an opening quote
+    ("et al.‘s"): the renderer writes those as ’; Typst's own smart quotes do the rest."""
+    _, r = built
+    assert "Kaplan et al.\u2019s law, GPT-2\u2019s size and Austen's novels." in r.typst_source
+    if shutil.which("pdftotext"):
+        text = subprocess.run(["pdftotext", str(r.pdf), "-"], capture_output=True, text=True).stdout
+        text = " ".join(text.split())
+        assert "Kaplan et al.\u2019s law, GPT-2\u2019s size and Austen\u2019s novels." in text
+    parts = rb.APOSTROPHE.split("al.\u2019s e.g.'s 2's it\u2019s Mr.\u2019S")
+    assert parts == ["al.", "s e.g.", "s 2", "s it\u2019s Mr.\u2019S"]  # "it’s", "’S": unchanged
 
 
 def test_stored_error_output_fails_unless_marked(project, capsys):
@@ -849,3 +866,120 @@ def test_a_paragraph_ending_with_a_colon_sticks_to_what_follows():
     doc["blocks"] = blocks
     typ = rb.pandoc(json.dumps(doc), "json", "typst", "t")
     assert "#block(sticky: true)[\nWe print it:\n\n]\nThe end." in typ
+
+
+def typeset_pages(tmp_path, body):
+    "The text of each page of a PDF that book.typ sets `body` in (pdftotext -layout)."
+    if not shutil.which("pdftotext"):
+        pytest.skip("pdftotext (poppler-utils) is not installed")
+    shutil.copyfile(ROOT / "tools" / "book" / "book.typ", tmp_path / "book.typ")
+    (tmp_path / "t.typ").write_text('#import "book.typ": *\n' + body, encoding="utf-8")
+    fonts = dict(font_paths=rb.font_paths(), ignore_system_fonts=True)
+    rb.need("typst", "typst").compile(
+        str(tmp_path / "t.typ"), output=str(tmp_path / "t.pdf"), root=str(tmp_path), **fonts
+    )
+    text = subprocess.run(
+        ["pdftotext", "-layout", str(tmp_path / "t.pdf"), "-"], capture_output=True, text=True
+    ).stdout
+    return [[line.strip() for line in p.split("\n") if line.strip()] for p in text.split("\f")]
+
+
+def test_short_inline_code_is_never_broken_in_the_pdf(tmp_path):
+    """Typst would break `<|endoftext|>` after a `|`: in every position on a line it stays whole,
+    and code with spaces still breaks at them."""
+    words = "The string `<|endoftext|>` typed by a user is an error, and `tok.encode(text, x)` too."
+    body = "#show: book.with(title: \"T\", toc: false, cover: false)\n" + "\n\n".join(
+        "word " * n + words for n in range(0, 40, 2)
+    )
+    lines = [line for page in typeset_pages(tmp_path, body) for line in page]
+    assert sum("<|endoftext|>" in line for line in lines) == 20
+    assert not [line for line in lines if "endoftext" in line and "<|endoftext|>" not in line]
+    assert any(line.endswith("tok.encode(text,") for line in lines)  # broken at its space
+
+
+def test_a_check_header_stays_with_its_code(tmp_path):
+    """Wherever a check falls on a page, its "✓ checked" header is never the last line of a page,
+    away from the code on the next."""
+    check = "#check[#check-lines(([assert a == 1], [assert b == 2], [assert c == 3]))]\n"
+    body = "#set page(height: 12cm, margin: 2cm)\n" + "".join(  # a text area 227pt high
+        f"#pagebreak(weak: true)\nText.\n#v({at}pt)\n{check}" for at in range(180, 226, 2)
+    )
+    pages = typeset_pages(tmp_path, body)
+    assert sum(p.count("✓ checked") for p in pages) == 23
+    assert not [p for p in pages if p and p[-1] == "✓ checked"]
+    for p in pages:  # the header and the first assert together
+        if "✓ checked" in p:
+            assert p[p.index("✓ checked") + 1] == "assert a == 1"
+
+
+def test_a_figure_never_splits_a_code_block(tmp_path):
+    """A figure stays where it is in the text: a float (`placement: auto`) lands between the two
+    halves of a code cell or an output that breaks across a page, as it did on 17 pages of the book.
+    Read in page order, every listing comes whole, and each caption between its neighbours."""
+    (tmp_path / "f.png").write_bytes(png(40, 30))
+    body, expected = '#show: book.with(title: "T", toc: false, cover: false)\n', []
+    for n in range(6, 90, 7):  # the listings break at a different line each time
+        code = [f"code {n} line {i}" for i in range(n)]
+        listing = "```stdout\n" + "\n".join(code) + "\n```\n\n"
+        body += f"Text {n} before.\n\n{listing}"
+        body += f'#figure(image("f.png", width: 40%), caption: [Caption {n}.])\n\n'
+        body += f"Then {n}:\n\n{listing}Text {n} after.\n\n"
+        expected += [f"Text {n} before.", *code, f"Caption {n}.", f"Then {n}:", *code]
+        expected += [f"Text {n} after."]
+    lines = [line for page in typeset_pages(tmp_path, body) for line in page]
+    assert [x for x in lines if x.startswith(("Text", "code", "Caption", "Then"))] == expected
+
+
+@pytest.mark.parametrize("nb", [nb.name for nb in sorted((ROOT / "nbs").glob("*.ipynb"))])
+def test_no_cell_prints_a_message_cut_short(nb):
+    """A printed message is wrapped (textwrap.fill at 100 columns), not cut to fit: `str(e)[:90]`
+    in a print ends the book's line in the middle of a sentence."""
+    cells = nbformat.read(ROOT / "nbs" / nb, as_version=4).cells
+    offenders = [
+        f"{nb} cell {i}: {cut}"
+        for i, cell in enumerate(cells)
+        if cell.cell_type == "code"
+        for cut in cut_prints(cell.source)
+    ]
+    assert not offenders, "\n".join(offenders)
+
+
+def cut_prints(source):
+    "`print` arguments that slice a message: `str(x)[:N]`, `f'...'[:N]`, `str(x).replace(..)[:N]`."
+    try:
+        with warnings.catch_warnings():  # a cell's "\\," in a string that is not raw
+            warnings.simplefilter("ignore")
+            tree = ast.parse(source)
+    except SyntaxError:  # IPython magics
+        return []
+
+    def message(node):
+        while isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            node = node.func.value  # str(x).replace(...).strip()
+        is_str = isinstance(node, ast.Call) and getattr(node.func, "id", None) == "str"
+        return is_str or isinstance(node, ast.JoinedStr)
+
+    return [
+        ast.unparse(sub)
+        for call in ast.walk(tree)
+        if isinstance(call, ast.Call) and getattr(call.func, "id", None) == "print"
+        for arg in call.args
+        for sub in ast.walk(arg)
+        if isinstance(sub, ast.Subscript)
+        and isinstance(sub.slice, ast.Slice)
+        and sub.slice.lower is None
+        and sub.slice.upper is not None
+        and message(sub.value)
+    ]
+
+
+def test_cut_prints_are_found():
+    assert cut_prints('try:\n    f()\nexcept ValueError as e:\n    print("no:", str(e)[:90])') == [
+        "str(e)[:90]"
+    ]
+    assert cut_prints('print(" ", str(x.message).replace(d, "<dir>")[:80], f"{e}"[:5])') == [
+        "str(x.message).replace(d, '<dir>')[:80]",
+        "f'{e}'[:5]",
+    ]
+    assert cut_prints("print(val[:300], ids[:8], textwrap.fill(f'refused: {e}', 100))") == []
+    assert cut_prints("%timeit f()") == []

@@ -1005,8 +1005,8 @@ def resolve(ch, fmt, book: Book, labels: dict, problems: list, present=None, lis
                 c[2].append(raw("html", anchor, False))
             return None
         # Typst
-        if t == "Str" and DIGIT_APOSTROPHE.search(c):  # Typst sets ' after a digit as a prime:
-            parts = DIGIT_APOSTROPHE.split(c)  # "GPT-2′s"; pandoc writes ’ as ', so a raw ’
+        if t == "Str" and APOSTROPHE.search(c):  # Typst sets ' after a digit as a prime ("GPT-2′s")
+            parts = APOSTROPHE.split(c)  # and after "al." as an opening quote; pandoc writes ’ as '
             return [x for p in parts for x in (Str(p), raw("typst", "\u2019", False))][:-1]
         if t == "CodeBlock" and "python" in a[1]:
             listings.append(c)
@@ -1038,8 +1038,10 @@ def resolve(ch, fmt, book: Book, labels: dict, problems: list, present=None, lis
     return walk(json.loads(json.dumps(ch.blocks)), visit)  # a copy: `visit` changes it in place
 
 
-# after a digit, or opening a Str that follows one ("@sec-x's" -> a link "Chapter 7", then "'s")
-DIGIT_APOSTROPHE = re.compile(r"(?:(?<=\d)|^)['\u2019](?=[a-z])")
+# An apostrophe Typst would not set as one, so written as a raw ’: after a digit, after a letter and
+# a full stop ("et al.'s": Typst opens a quote after "."), or opening a Str that follows a link
+# ("@sec-x's" -> a link "Chapter 7", then "'s").
+APOSTROPHE = re.compile(r"(?:(?<=\d)|(?<=[^\W\d_]\.)|^)['\u2019](?=[a-z])")
 
 
 def typst_str(s):
