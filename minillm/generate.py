@@ -80,6 +80,16 @@ def _as_batch(idx) -> torch.Tensor:
     return (t[None] if t.ndim == 1 else t).long()
 
 # %% ../nbs/06_generate.ipynb #70661521
+def _without_onednn():
+    """oneDNN switched off while the model runs: on a CPU, PyTorch hands an exact GELU to oneDNN,
+    whose cost per call exceeds the arithmetic of a one-token step (@sec-generate-overhead);
+    PyTorch's own kernel computes the same function. The flag is process-wide, so it is set around
+    each model call, never while the caller runs."""
+    return torch.backends.mkldnn.flags(
+        enabled=False, deterministic=None, allow_tf32=None, fp32_precision=None
+    )
+
+
 def _stream(
     model,
     idx,
@@ -111,11 +121,12 @@ def _stream(
     cache = model.new_cache(B, max_len=max_len) if use_cache else None
     n = T  # tokens so far
     for _ in range(max_new_tokens):
-        if cache is not None and n <= max_len:  # prefill the prompt, then one token per step
-            logits, _ = model(tokens[:, cache[0].pos : n], cache=cache, last_only=True)
-        else:  # no cache, or the text has outgrown it: the last ctx tokens, from scratch
-            cache = None
-            logits, _ = model(tokens[:, max(0, n - ctx) : n], last_only=True)
+        if cache is None or n > max_len:  # no cache, or the text has outgrown it:
+            cache, start = None, max(0, n - ctx)  # the last ctx tokens, from scratch
+        else:  # prefill the prompt, then one token per step
+            start = cache[0].pos
+        with _without_onednn():
+            logits, _ = model(tokens[:, start:n], cache=cache, last_only=True)
         nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)[:, 0]  # (B,)
         if stop is not None:
             nxt = torch.where(done, tokens[:, n - 1], nxt)  # a finished row repeats its stop token
