@@ -356,7 +356,7 @@ def instruction_tuned(device: str = "cpu", progress: bool = False) -> tuple[GPT,
 # %% ../nbs/11_finetune.ipynb #68f2a83b
 class LoRALinear(nn.Module):
     """A frozen `nn.Linear` plus a trainable rank-`r` update: `base(x) + (alpha / r) · x Aᵀ Bᵀ` (Hu
-    et al., 2021). `B` starts at zero, so the layer starts equal to `base`."""
+    et al., 2022). `B` starts at zero, so the layer starts equal to `base`."""
 
     def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 16):
         super().__init__()

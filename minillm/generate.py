@@ -83,8 +83,8 @@ def _as_batch(idx) -> torch.Tensor:
 def _without_onednn():
     """oneDNN switched off while the model runs: on a CPU, PyTorch hands an exact GELU to oneDNN,
     whose cost per call exceeds the arithmetic of a one-token step (measured under "Per-token
-    overhead"); PyTorch's own kernel computes the same function. The flag is process-wide, so it is set around
-    each model call, never while the caller runs."""
+    overhead"); PyTorch's own kernel computes the same function. The flag is process-wide, so it
+    is set around each model call, never while the caller runs."""
     return torch.backends.mkldnn.flags(
         enabled=False, deterministic=None, allow_tf32=None, fp32_precision=None
     )
