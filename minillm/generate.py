@@ -19,6 +19,7 @@ beam search, no repetition penalty, no speculative decoding; every row of a batc
 __all__ = ['sample_next', 'stream', 'generate', 'stream_text', 'generate_text']
 
 # %% ../nbs/06_generate.ipynb #411b3073
+import contextlib
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -80,11 +81,14 @@ def _as_batch(idx) -> torch.Tensor:
     return (t[None] if t.ndim == 1 else t).long()
 
 # %% ../nbs/06_generate.ipynb #70661521
-def _without_onednn():
+def _without_onednn(weight: torch.Tensor | None = None):
     """oneDNN switched off while the model runs: on a CPU, PyTorch hands an exact GELU to oneDNN,
     whose cost per call exceeds the arithmetic of a one-token step (measured under "Per-token
-    overhead"); PyTorch's own kernel computes the same function. The flag is process-wide, so it
-    is set around each model call, never while the caller runs."""
+    overhead"); PyTorch's own kernel computes the same function. Only for a float32 model on a
+    CPU (`weight`: one of its weights; None: always): bf16 matmuls on a CPU need oneDNN. The flag
+    is process-wide, so it is set around each model call, never while the caller runs."""
+    if weight is not None and (weight.device.type != "cpu" or weight.dtype != torch.float32):
+        return contextlib.nullcontext()
     return torch.backends.mkldnn.flags(
         enabled=False, deterministic=None, allow_tf32=None, fp32_precision=None
     )
@@ -125,7 +129,7 @@ def _stream(
             cache, start = None, max(0, n - ctx)  # the last ctx tokens, from scratch
         else:  # prefill the prompt, then one token per step
             start = cache[0].pos
-        with _without_onednn():
+        with _without_onednn(model.lm_head.weight):
             logits, _ = model(tokens[:, start:n], cache=cache, last_only=True)
         nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)[:, 0]  # (B,)
         if stop is not None:

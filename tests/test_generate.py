@@ -182,6 +182,20 @@ def test_inference_mode_inside_the_steps_not_in_the_caller(prompt):
     assert not torch.is_inference_mode_enabled()
 
 
+def test_onednn_off_inside_the_model_calls_of_a_float32_cpu_model_only(prompt):
+    """The model runs with oneDNN off (its GELU is slow on one token), float32 on a CPU only (bf16
+    matmuls need it), and the flag is back on in the caller's code between steps."""
+    assert torch.backends.mkldnn.enabled
+    for dtype, inside in ((torch.float32, False), (torch.bfloat16, True)):
+        model = _model().to(dtype)
+        seen = []
+        model.register_forward_hook(lambda m, i, o: seen.append(torch.backends.mkldnn.enabled))
+        for _ in stream(model, prompt, 3, temperature=0):
+            assert torch.backends.mkldnn.enabled  # the caller's code between two steps
+        assert seen == [inside] * 3
+    assert torch.backends.mkldnn.enabled
+
+
 def test_prompt_forms_and_zero_tokens():
     model = _model()
     assert generate(model, [1, 2, 3], 4, temperature=0).shape == (1, 7)
