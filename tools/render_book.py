@@ -1140,14 +1140,19 @@ def typst_symbols(text: str) -> str:
     return CODE_OR_MATH.sub(fix, text)
 
 
+STICKY_CHARS = 300  # about three lines of the PDF: a longer paragraph may break across the page
+
+
 def sticky_intros(blocks):
-    """In the PDF, a paragraph of the text that ends with a colon ("... the pieces are visible:")
-    stays on the page of what it introduces (a Typst sticky block), never alone at the foot of the
-    page before it."""
+    """In the PDF, a short paragraph of the text that ends with a colon ("... the pieces are
+    visible:") stays on the page of what it introduces (a Typst sticky block), never alone at the
+    foot of the page before it. A longer one is left free: moved whole, it would empty much of
+    the page before it."""
     out = []
     for node in blocks:
         last = node["c"][-1] if node["t"] == "Para" and node["c"] else {}
-        if last.get("t") == "Str" and last["c"].endswith(":"):
+        short = node["t"] == "Para" and len(stringify(node)) <= STICKY_CHARS
+        if short and last.get("t") == "Str" and last["c"].endswith(":"):
             out += [raw("typst", "#block(sticky: true)["), node, raw("typst", "]")]
         else:
             out.append(node)
