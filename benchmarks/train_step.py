@@ -14,6 +14,8 @@ the output.
 With `--nanogpt-dir DIR` (a checkout of karpathy/nanoGPT that you provide; it is never downloaded
 here), the reference is nanoGPT's own `model.py` instead, imported from DIR: its `GPT`, `GPTConfig`
 (dropout 0, bias True) and `configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")`, in this run.
+`--no-bias` builds every model without biases: the config that nanoGPT's CPU recipe actually
+trains (its `train.py` defaults to `bias=False`).
 
 Ours: `minillm.model.GPT`, gpt2 family (the same architecture: LayerNorm, exact GELU, biases, tied
 embeddings), with `torch.optim.AdamW(fused=True)`; the same without biases (nanoGPT's `train.py`
@@ -32,7 +34,7 @@ largest difference. The target: ours — compiled, as `train(compile=True)` runs
 losses; the script exits with status 1 when it is missed.
 
     .venv/bin/python benchmarks/train_step.py [--rounds 20] [--steps 5] [--threads 2] [--scratch]
-        [--nanogpt-dir DIR] [--no-compile] [--target 0.85]
+        [--nanogpt-dir DIR] [--no-compile] [--no-bias] [--target 0.85]
 """
 
 import contextlib
@@ -218,18 +220,18 @@ def load_nanogpt(nanogpt_dir):
 
 
 # ---------------------------------------------------------------- the benchmark
-def make_step(name, x, y, nanogpt=None):
+def make_step(name, x, y, nanogpt=None, bias=True):
     torch.manual_seed(0)
     if name.startswith("nanoGPT") and nanogpt is not None:
         conf = nanogpt.GPTConfig(
             block_size=T, vocab_size=VOCAB, n_layer=N_LAYER, n_head=N_HEAD, n_embd=N_EMBD,
-            dropout=0.0, bias=True,
+            dropout=0.0, bias=bias,
         )  # fmt: skip
         with contextlib.redirect_stdout(io.StringIO()):  # it prints its parameter counts
             model = nanogpt.GPT(conf)
             opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
     elif name.startswith("nanoGPT"):
-        model = NanoGPT(VOCAB, T, N_LAYER, N_HEAD, N_EMBD, bias=True)
+        model = NanoGPT(VOCAB, T, N_LAYER, N_HEAD, N_EMBD, bias=bias)
         opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
     else:
         cfg = GPTConfig(
@@ -238,7 +240,7 @@ def make_step(name, x, y, nanogpt=None):
             n_layer=N_LAYER,
             n_head=N_HEAD,
             n_embd=N_EMBD,
-            bias="no bias" not in name,
+            bias=bias and "no bias" not in name,
         )
         model = GPT(cfg)
         if "scratch" in name:
@@ -274,6 +276,7 @@ def main(
     nanogpt_dir: str = None,  # a nanoGPT checkout: time its own model.py as the reference
     target: float = 0.85,  # most time per step of ours (best round) / the reference's; exit 1 above
     no_compile: bool = False,  # leave out the row of ours with torch.compile
+    no_bias: bool = False,  # every model without biases, as nanoGPT's train.py defaults
 ):
     nanogpt = load_nanogpt(nanogpt_dir) if nanogpt_dir else None
     torch.set_num_threads(threads)
@@ -284,13 +287,14 @@ def main(
     )
     ref = "nanoGPT model.py (reference)" if nanogpt else "nanoGPT re-impl. (reference)"
     names = (
-        [ref, "minillm", "minillm, no bias"]
+        [ref, "minillm"]
+        + ([] if no_bias else ["minillm, no bias"])
         + ([] if no_compile else ["minillm, compiled"])
         + (["minillm, from-scratch LN+GELU"] if scratch else [])
     )
     models, steppers, first, losses = {}, {}, {}, {}
     for name in names:
-        models[name], steppers[name] = make_step(name, x, y, nanogpt)
+        models[name], steppers[name] = make_step(name, x, y, nanogpt, bias=not no_bias)
     for name, step in steppers.items():
         t = time.perf_counter()
         losses[name] = [step()]  # the first step: where torch.compile compiles
@@ -304,11 +308,13 @@ def main(
                 step()
             times[name].append((time.perf_counter() - t) / steps * 1000)
     cfg = GPTConfig(
-        vocab_size=VOCAB, context_length=T, n_layer=N_LAYER, n_head=N_HEAD, n_embd=N_EMBD
-    )
+        vocab_size=VOCAB, context_length=T, n_layer=N_LAYER, n_head=N_HEAD, n_embd=N_EMBD,
+        bias=not no_bias,
+    )  # fmt: skip
     print(
         f"train step: batch {B} x {T}, {N_LAYER} layers, {N_HEAD} heads, {N_EMBD} dims, "
-        f"vocab {VOCAB}, {n_params(cfg):,} parameters, float32, {threads} threads, "
+        f"vocab {VOCAB}, {n_params(cfg):,} parameters, {'no biases, ' if no_bias else ''}"
+        f"float32, {threads} threads, "
         f"torch {torch.__version__}"
     )
     print(
