@@ -10,8 +10,8 @@ and each choice are encoded separately, the choices run as one batch, and a cont
 the model keeps its end. *Generation*: greedy decoding in the chat template up to `<|end|>`,
 compared with the answer by `tasks.check_answer` (`finetune.answers`, `task_accuracy`), or code
 sampled and run in `sandbox` (pass@k). Accuracies come with binomial standard errors.
-`evaluate_suite` runs all of it (under a minute for austen-tiny on one CPU thread; `quick` about
-a third of that) and `format_table` prints it. Hygiene: `sliding_window_bpc` scores the text
+`evaluate_suite` runs all of it (`quick`: smaller samples of each benchmark, in a fraction of
+the time) and `format_table` prints it. Hygiene: `sliding_window_bpc` scores the text
 with overlapping windows, so that every token has at least context - stride + 1 tokens of
 history; `contamination` flags evaluation items that share a 13-word run with the training data
 (lm-evaluation-harness's 13-grams; GPT-3 used 8 to 13 words); and `question_items` asks question

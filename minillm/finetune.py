@@ -310,9 +310,9 @@ def sft_dir() -> Path:
 
 def instruction_tuned(device: str = "cpu", progress: bool = False) -> tuple[GPT, object]:
     """The instruction-tuned model in one call: loaded from `sft_dir()`, or first fine-tuned there
-    from `pretrained(SFT_RECIPE['base'])` on `instruction_examples('train')`, on one CPU thread, so
-    that the weights are the same whatever the machine's thread count; training is announced in
-    one line on stderr, as by `pretrained`."""
+    from `pretrained(SFT_RECIPE['base'])` on `instruction_examples('train')` with the recipe's
+    `n_per_novel` and `seed`, on one CPU thread, so that the weights are the same whatever the
+    machine's thread count; training is announced in one line on stderr, as by `pretrained`."""
     out = sft_dir()
     with run_lock(out / ".lock"):
         if not ((out / "metrics.json").exists() and find_checkpoint(out / "ckpt")):
