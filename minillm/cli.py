@@ -63,6 +63,8 @@ def read_config(path) -> dict:
         cfg = json.loads(path.read_text())
     except OSError as e:
         raise ValueError(f"{path}: cannot read the config file ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
     if not isinstance(cfg, dict):
@@ -106,7 +108,10 @@ def train(
     options = dict(max_steps=max_steps, lr=lr, batch_size=batch_size, dtype=dtype)
     overrides = settings | {k: v for k, v in options.items() if v is not None}
     cfg = train_config(overrides, p.train)  # the same rules for both
-    out = Path(out) if out else run_dir(preset)
+    # the preset as it is, on the CPU, goes where `pretrained()` finds it, trained as it trains it
+    # (one thread); other settings or another device, to a directory of their own
+    out = Path(out) if out else run_dir(preset, device, **overrides)
+    as_pretrained = out == run_dir(preset)
     # a run of another recipe in `out` is refused here, before anything is written
     check_run(out, preset, **overrides)
     steps = _steps(out)
@@ -126,15 +131,23 @@ def train(
         if "sample" in r:
             print("  " + r["sample"].replace("\n", "\n  "), file=sys.stderr)
 
-    train_run(
-        preset,  # by name, which metrics.json records
-        out,
-        device,
-        progress=not quiet,
-        on_eval=log,
-        sample_prompt=sample_prompt or None,
-        **overrides,
-    )
+    import torch
+
+    threads = torch.get_num_threads()
+    if as_pretrained and torch.device(device).type == "cpu":
+        torch.set_num_threads(1)  # the weights of `pretrained()`, whatever the core count
+    try:
+        train_run(
+            preset,  # by name, which metrics.json records
+            out,
+            device,
+            progress=not quiet,
+            on_eval=log,
+            sample_prompt=sample_prompt or None,
+            **overrides,
+        )
+    finally:
+        torch.set_num_threads(threads)
     _print_validation(out / "metrics.json")
 
 
@@ -207,7 +220,7 @@ def _load(run: Path, device: str):
 def tokenize(
     # the token file to write (default: austen-<split>.bin; a .json sidecar describes it)
     out: str = None,
-    vocab_size: int = 4096,  # vocabulary size, special tokens included
+    vocab_size: int = 4096,  # BPE's vocabulary size, special tokens included (not for char)
     kind: one_of("bpe", "char") = "bpe",  # byte-pair encoding, or one token per character
     split: one_of("train", "val", "all") = "train",  # which part of the corpus
 ):

@@ -93,9 +93,9 @@ _NOT_NAMES = {"He", "She", "The", "His", "Her", "It", "This", "That", "They"}
 
 
 def speaker_examples(split: str = "train", min_lines: int = 5) -> list[dict]:
-    """Tagged lines of dialogue `{'text', 'speaker', 'novel'}`: `"I am sure," said Elizabeth` gives
-    `{'text': 'I am sure', 'speaker': 'Elizabeth', ...}`. Only speakers with `min_lines` lines in
-    the training part."""
+    """Tagged lines of dialogue `{'text', 'speaker', 'novel'}`: `"I am sure it is quite true," said
+    Elizabeth` gives `{'text': 'I am sure it is quite true', 'speaker': 'Elizabeth', ...}` (lines of
+    20 to 200 characters). Only speakers with `min_lines` lines in the training part."""
     _check_split(split)
     novels, out = load_novels(), []
     for k in NOVEL_KEYS:
@@ -396,12 +396,12 @@ def read_jsonl(path, fields=("prompt", "response"), on_error: str = "raise") -> 
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error={on_error!r}: expected 'raise' or 'skip'")
     path, out = Path(path), []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
+    with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is a malformed line too
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             try:
-                r = json.loads(line)
+                r = json.loads(raw.decode("utf-8"))  # UnicodeDecodeError is a ValueError
                 if not isinstance(r, dict):
                     raise ValueError("not a JSON object")
                 if bad := [k for k in fields if not isinstance(r.get(k), str)]:

@@ -617,7 +617,8 @@ PRESETS = {
         ),
     ),
     "gpt2-124m": Preset(
-        "GPT-2 small's shape, 12 layers of 768, with BPE-8192 on Austen: for a GPU",
+        "GPT-2 small's shape, 12 layers of 768, with BPE-8192 on Austen (92M parameters; "
+        "GPT-2's 50,257 tokens make its 124M): for a GPU",
         tokenizer=dict(kind="bpe", vocab_size=8192),
         model=dict(
             family="gpt2", n_layer=12, n_head=12, n_embd=768, context_length=1024, dropout=0.1
@@ -802,12 +803,20 @@ def load_run(out_dir, device: str = "cpu") -> tuple[GPT, Tokenizer]:
     return model.to(device).eval(), Tokenizer.load(out_dir / "tokenizer.model")
 
 
-def run_dir(preset: str) -> Path:
+def run_dir(preset: str, device: str = "cpu", **overrides) -> Path:
     """Where `pretrained` keeps a preset's run: `cache_dir()/runs/<preset>-<hash>`, the hash of its
     recipe (tokenizer, model, training; not its `about` text) and of `DATA_VERSION`, so a changed
-    recipe, or changed training data, trains anew."""
-    recipe = {k: v for k, v in asdict(get_preset(preset)).items() if k != "about"}
+    recipe, or changed training data, trains anew. A run with `TrainConfig` overrides that change
+    the preset's training, or on another device than the CPU, has a directory of its own: only the
+    preset as it is, trained on the CPU, is the model `pretrained` loads."""
+    p = get_preset(preset)
+    recipe = {k: v for k, v in asdict(p).items() if k != "about"}
     recipe["data"] = DATA_VERSION
+    base, cfg = asdict(train_config({}, p.train)), asdict(train_config(overrides, p.train))
+    if changed := {k: v for k, v in cfg.items() if base[k] != v}:
+        recipe["overrides"] = changed
+    if (kind := torch.device(device).type) != "cpu":
+        recipe["device"] = kind
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:8]
     return cache_dir() / "runs" / f"{preset}-{key}"
 
@@ -819,10 +828,12 @@ def pretrained(
     otherwise trained there first (deterministically; resuming an interrupted run), which it
     announces in one line on stderr. On a CPU it trains on one thread: sums taken in another order
     give other weights, and the book's stored outputs come from these, on any machine. `progress`:
-    also show a progress bar while training; by default only when stderr is a terminal."""
-    out_dir = run_dir(preset)
+    also show a progress bar while training; by default only when stderr is a terminal. A run of
+    other settings found there is refused (`check_run`), never loaded in its place."""
+    out_dir = run_dir(preset, device)
     with run_lock(out_dir / ".lock"):
         done = (out_dir / "metrics.json").exists() and find_checkpoint(out_dir / "ckpt") is not None
+        check_run(out_dir, preset)  # the preset's own recipe, or a ValueError naming the change
     if not done:
         if progress is None:
             progress = sys.stderr.isatty()

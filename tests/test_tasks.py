@@ -115,3 +115,11 @@ def test_jsonl_roundtrip_and_bad_lines(tmp_path):
     ]
     with pytest.raises(ValueError, match="on_error"):
         read_jsonl(p, on_error="ignore")
+    # a line that is not UTF-8 is a malformed line like the others: named, or skipped
+    good = [json.dumps(r).encode() for r in recs]
+    p.write_bytes(good[0] + b'\n{"prompt": "\xff"}\n' + good[1])
+    with pytest.raises(RecordError, match=r"r\.jsonl:2: 'utf-8' codec can't decode byte 0xff"):
+        read_jsonl(p)
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        assert read_jsonl(p, on_error="skip") == recs

@@ -468,7 +468,8 @@ def test_pretrained_progress_by_default_only_on_a_terminal(tmp_path, monkeypatch
     import minillm.train as T
 
     calls = []
-    monkeypatch.setattr(T, "run_dir", lambda preset: tmp_path / preset)
+    monkeypatch.setattr(T, "run_dir", lambda preset, device: tmp_path / preset)
+    monkeypatch.setattr(T, "check_run", lambda out, preset: False)  # tested below
     threads = []  # on a CPU, one thread: the weights must not depend on the core count
     monkeypatch.setattr(
         T,
@@ -498,9 +499,11 @@ def test_pretrained_progress_by_default_only_on_a_terminal(tmp_path, monkeypatch
     assert threads == [1, 1, 1] and torch.get_num_threads() == before  # and restored
 
 
-def test_another_preset_is_refused_before_anything_is_written(tmp_path):
+def test_another_preset_is_refused_before_anything_is_written(tmp_path, monkeypatch):
     """A run of austen-tiny, then `train_run('austen-15m')` into it: refused, naming what differs,
-    and its tokenizer, checkpoint and metrics are untouched."""
+    and its tokenizer, checkpoint and metrics are untouched. `pretrained` refuses it too: a run of
+    other settings where it looks is never loaded as the preset."""
+    import minillm.train as T
     from minillm.train import check_run, get_preset, train_run
 
     torch.set_num_threads(1)
@@ -519,8 +522,59 @@ def test_another_preset_is_refused_before_anything_is_written(tmp_path):
         train_run(other, run, progress=False, max_steps=2, eval_batches=1)
     with pytest.raises(ValueError, match="cannot resume with another training config"):
         train_run("austen-tiny", run, progress=False, max_steps=3, eval_batches=1)
+    monkeypatch.setattr(T, "run_dir", lambda preset, device: run)
+    with pytest.raises(ValueError, match=r"another training config \(changed: \{'max_steps'"):
+        T.pretrained("austen-tiny")
     after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
     assert after == before
+
+
+def test_a_run_of_other_settings_has_a_directory_of_its_own():
+    """`minillm train --max-steps ...` or a run on a GPU never lands where `pretrained` loads from:
+    the overrides that change the training, and a device other than the CPU, are in the key."""
+    from minillm.train import get_preset
+
+    base, batch = run_dir("austen-tiny"), get_preset("austen-tiny").train["batch_size"]
+    assert run_dir("austen-tiny", "cpu", batch_size=batch, dtype="float32") == base  # its own
+    assert run_dir("austen-tiny", "cpu", max_steps=50) not in (base, run_dir("austen-tiny", lr=1))
+    assert run_dir("austen-tiny", "cuda") != base
+    assert run_dir("austen-tiny", "cuda:1") == run_dir("austen-tiny", "cuda")
+
+
+def test_cli_train_of_the_preset_as_it_is_trains_as_pretrained(tmp_path, monkeypatch, capsys):
+    """`minillm train` with no overrides writes where `pretrained()` loads, on one thread as it
+    trains; with an override, into a directory of its own, on all the threads."""
+    import minillm.cli as C
+    import minillm.train as T
+
+    monkeypatch.setenv("MINILLM_CACHE", str(tmp_path))
+    seen = []
+
+    def fake_train_run(preset, out, device, **kw):
+        seen.append((Path(out), torch.get_num_threads()))
+        final = {"loss": 1.0, "perplexity": 2.7, "bits_per_char": 1.0}
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "metrics.json").write_text(json.dumps({"final": final}))
+
+    monkeypatch.setattr(T, "train_run", fake_train_run)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        C.train(quiet=True)
+        C.train(max_steps=7, quiet=True)
+        assert seen == [(run_dir("austen-tiny"), 1), (run_dir("austen-tiny", max_steps=7), 2)]
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_cli_config_file_not_utf8_is_one_line_naming_it(tmp_path):
+    bad = tmp_path / "run.json"
+    bad.write_bytes(b'\xff\xfe{"lr": 0.001}')
+    r = cli("train", "--config", str(bad), "--out", str(tmp_path / "run"))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().endswith(f"{bad}: not UTF-8 text (invalid start byte at byte 0)")
+    assert not (tmp_path / "run").exists()
 
 
 def test_cli_config_value_of_the_wrong_type_is_one_line(tmp_path):
