@@ -100,7 +100,7 @@ def count_chunks(text: str, pattern: str = GPT4_SPLIT_PATTERN) -> collections.Co
     cat the')` → `Counter({'the': 1, ' cat': 1, ' the': 1})`."""
     return collections.Counter(regex.findall(pattern, text))
 
-
+# %% ../nbs/02_tokenizer.ipynb #1e0b83d6
 def train_bpe(
     chunks: dict[bytes, int], n_merges: int, verbose: bool = False
 ) -> list[tuple[int, int]]:
