@@ -6,13 +6,17 @@ DejaVu Sans Mono glyph is 0.602 em wide, so the box holds `floor(box / (0.602 * 
 `WIDTH` (ruff's line-length in pyproject.toml) must not exceed it. Every notebook code line, every
 line of our Python files, and every line a cell printed fits in `WIDTH` columns, so nothing wraps on
 the page. Wide results are tables (a DataFrame or Markdown table), which the renderer turns into
-real tables, so they are not counted as printed lines.
+real tables, so they are not counted as printed lines. The prose of markdown cells is held to
+`MARKDOWN_WIDTH` columns in the source (tools/reflow_markdown.py rewraps it without changing the
+book).
 """
 
+import importlib.util
 import json
 import re
 from pathlib import Path
 
+import pytest
 import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,3 +125,25 @@ def test_python_files_fit():
             if len(line) > WIDTH and i not in generated
         ]
     assert not bad, "\n".join(bad)
+
+
+MARKDOWN_WIDTH = 120  # a markdown cell's prose lines; tools/reflow_markdown.py wraps them
+
+
+def test_markdown_lines_fit():
+    """No prose line of a markdown cell is over `MARKDOWN_WIDTH` columns. Exempt, as in
+    tools/reflow_markdown.py: tables, figures (captions too), URLs, headings, HTML, fenced code,
+    display maths, and a line it cannot wrap without changing what pandoc reads."""
+    pytest.importorskip("pypandoc")
+    spec = importlib.util.spec_from_file_location("reflow", ROOT / "tools" / "reflow_markdown.py")
+    reflow = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reflow)
+    assert reflow.LIMIT == MARKDOWN_WIDTH
+    bad = [
+        f"{nb.name} cell {c.index} line {n}: {length} columns"
+        for nb in _notebooks()
+        for c in reflow.safe(reflow.scan(nb))
+        for n, length in c.long_lines
+    ]
+    fix = "run `.venv/bin/python tools/reflow_markdown.py` to rewrap them"
+    assert not bad, f"markdown lines over {MARKDOWN_WIDTH} columns ({fix}):\n" + "\n".join(bad)
