@@ -805,16 +805,15 @@ def load_run(out_dir, device: str = "cpu") -> tuple[GPT, Tokenizer]:
 
 def run_dir(preset: str, device: str = "cpu", **overrides) -> Path:
     """Where `pretrained` keeps a preset's run: `cache_dir()/runs/<preset>-<hash>`, the hash of its
-    recipe (tokenizer, model, training; not its `about` text) and of `DATA_VERSION`, so a changed
-    recipe, or changed training data, trains anew. A run with `TrainConfig` overrides that change
-    the preset's training, or on another device than the CPU, has a directory of its own: only the
-    preset as it is, trained on the CPU, is the model `pretrained` loads."""
+    recipe (tokenizer, model, and the whole `TrainConfig` it trains with, defaults and `overrides`
+    included; not its `about` text) and of `DATA_VERSION`, so a changed recipe, a changed default or
+    changed training data trains anew. A run with overrides that change the training, or on another
+    device than the CPU, so has a directory of its own: only the preset as it is, trained on the
+    CPU, is the model `pretrained` loads."""
     p = get_preset(preset)
     recipe = {k: v for k, v in asdict(p).items() if k != "about"}
+    recipe["train"] = asdict(train_config(overrides, p.train))
     recipe["data"] = DATA_VERSION
-    base, cfg = asdict(train_config({}, p.train)), asdict(train_config(overrides, p.train))
-    if changed := {k: v for k, v in cfg.items() if base[k] != v}:
-        recipe["overrides"] = changed
     if (kind := torch.device(device).type) != "cpu":
         recipe["device"] = kind
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:8]
