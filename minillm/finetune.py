@@ -22,8 +22,8 @@ content slowly, and the numbers below say how slowly."""
 # %% auto #0
 __all__ = ['CHAT_TOKENS', 'SFT_RECIPE', 'LORA_TARGETS', 'finetune_loop', 'pad', 'logits_and_hidden', 'hidden_states',
            'Classifier', 'scores', 'train_classifier', 'predict', 'sft_batch', 'finetune', 'answer_loss', 'answers',
-           'accuracy_on', 'sft_dir', 'instruction_tuned', 'LoRALinear', 'add_lora', 'lora_layers', 'merge_lora',
-           'unmerge_lora', 'n_trainable']
+           'accuracy_on', 'sft_records', 'sft_dir', 'instruction_tuned', 'LoRALinear', 'add_lora', 'lora_layers',
+           'merge_lora', 'unmerge_lora', 'n_trainable']
 
 # %% ../nbs/11_finetune.ipynb #a7eb5b1f
 import hashlib
@@ -299,6 +299,13 @@ SFT_RECIPE = dict(
 )
 
 
+def sft_records() -> list[dict]:
+    """The records the instruction-tuned model trains on: `instruction_examples('train')` with
+    `SFT_RECIPE`'s `n_per_novel` and `seed` (not the function's defaults)."""
+    r = SFT_RECIPE
+    return instruction_examples("train", n_per_novel=r["n_per_novel"], seed=r["seed"])
+
+
 def sft_dir() -> Path:
     """Where `instruction_tuned` keeps its run: `cache_dir()/runs/sft-<hash of the recipe and of its
     base model's run>`."""
@@ -310,9 +317,9 @@ def sft_dir() -> Path:
 
 def instruction_tuned(device: str = "cpu", progress: bool = False) -> tuple[GPT, object]:
     """The instruction-tuned model in one call: loaded from `sft_dir()`, or first fine-tuned there
-    from `pretrained(SFT_RECIPE['base'])` on `instruction_examples('train')` with the recipe's
-    `n_per_novel` and `seed`, on one CPU thread, so that the weights are the same whatever the
-    machine's thread count; training is announced in one line on stderr, as by `pretrained`."""
+    from `pretrained(SFT_RECIPE['base'])` on `sft_records()`, on one CPU thread, so that the weights
+    are the same whatever the machine's thread count; training is announced in one line on stderr,
+    as by `pretrained`."""
     out = sft_dir()
     with run_lock(out / ".lock"):
         if not ((out / "metrics.json").exists() and find_checkpoint(out / "ckpt")):
@@ -325,7 +332,7 @@ def instruction_tuned(device: str = "cpu", progress: bool = False) -> tuple[GPT,
                 flush=True,
             )
             torch.manual_seed(r["seed"])
-            records = instruction_examples("train", n_per_novel=r["n_per_novel"], seed=r["seed"])
+            records = sft_records()
             threads = torch.get_num_threads()
             # sums in another order give other weights: one thread, the same model everywhere
             torch.set_num_threads(1)
