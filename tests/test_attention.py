@@ -226,3 +226,33 @@ def test_padding_mask_hides_left_padding(x):
         unmasked = m(padded, rope=(cos[pos], sin[pos]), mask=causal)
     torch.testing.assert_close(out[:, pad:], alone, **TOL)
     assert (unmasked[:, pad:] - alone).abs().max() > 1e-3  # without the mask the pads leak in
+
+
+def kernels_called(m, x, backward=True):
+    "The names of the attention kernels that a forward (and backward) pass of `m(x)` call."
+    with torch.profiler.profile() as prof:
+        y = m(x)
+        if backward:
+            y.float().sum().backward()
+    return {e.key for e in prof.key_averages() if "scaled_dot_product" in e.key}
+
+
+@pytest.mark.parametrize("T,kernel", [(64, "math"), (129, "flash")])
+def test_bf16_training_on_cpu_takes_math_attention_at_short_contexts(T, kernel):
+    """Under bf16 autocast on a CPU, training at contexts up to 128 takes PyTorch's math attention
+    (its fused kernel's bf16 backward is slower there), beyond that the fused kernel; both give the
+    float32 output and gradients to bf16 rounding. float32 and inference keep the fused kernel."""
+    torch.manual_seed(9)
+    m = CausalSelfAttention(64, n_head=4)
+    x = torch.randn(2, T, 64, generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert any(kernel in k for k in kernels_called(m, x))
+        with torch.no_grad():
+            assert any("flash" in k for k in kernels_called(m, x, backward=False))
+        y16 = m(x).float()
+        g16 = torch.autograd.grad(y16.square().sum(), m.c_attn.weight)[0]
+    assert any("flash" in k for k in kernels_called(m, x))  # float32: the fused kernel
+    y32 = m(x)
+    g32 = torch.autograd.grad(y32.square().sum(), m.c_attn.weight)[0]
+    assert (y16 - y32).norm() / y32.norm() < 2e-2
+    assert (g16 - g32).norm() / g32.norm() < 2e-2
