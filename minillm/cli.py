@@ -93,6 +93,7 @@ def train(
     lr: float = None,  # peak learning rate
     batch_size: int = None,  # sequences per micro-batch
     dtype: one_of("float32", "bfloat16") = None,  # bfloat16: autocast (default: the preset's)
+    compile: bool = False,  # the training step through torch.compile (its first step compiles)
     device: str = "cpu",  # cpu, cuda, cuda:1, mps
     # continued at every evaluation, kept in metrics.json
     sample_prompt: str = "It is a truth universally acknowledged",
@@ -144,6 +145,7 @@ def train(
             progress=not quiet,
             on_eval=log,
             sample_prompt=sample_prompt or None,
+            compile=compile,
             **overrides,
         )
     finally:

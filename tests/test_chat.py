@@ -332,7 +332,7 @@ def test_cli_help_shows_choices_and_the_cache(capsys, monkeypatch, tmp_path):
         flat[name] = "".join(helps[name].split())
         assert f"cache:{tmp_path / 'cache'}(setMINILLM_CACHE" in flat[name]
     assert "--preset {austen-tiny,austen-budget,austen-15m,gpt2-124m}" in helps["train"]
-    assert "--dtype {float32,bfloat16}" in helps["train"]
+    assert "--dtype {float32,bfloat16}" in helps["train"] and "--compile" in helps["train"]
     assert f"(default:{tmp_path / 'cache'}/runs/<preset>-<recipehash>)" in flat["train"]
     assert f"(default:{tmp_path / 'cache'}/runs/austen-tiny-<recipehash>)" in flat["sample"]
     assert (
@@ -364,6 +364,28 @@ def test_cli_help_imports_nothing_heavy():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout == "[]\n", r.stderr
+
+
+def test_cli_train_compile_reaches_the_training_loop(monkeypatch, tmp_path):
+    "`minillm train --compile` hands `compile=True` to `train_run`; without the flag, False."
+    import minillm.train
+    from minillm.cli import main
+
+    monkeypatch.setenv("MINILLM_CACHE", str(tmp_path / "cache"))
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_train_run(preset, out, device, **kwargs):
+        seen.append(kwargs["compile"])
+        raise Stop
+
+    monkeypatch.setattr(minillm.train, "train_run", fake_train_run)
+    for flags in (["--compile"], []):
+        with pytest.raises(Stop):
+            main(["train", "--out", str(tmp_path / "run"), "--max-steps", "2", *flags])
+    assert seen == [True, False]
 
 
 @pytest.mark.parametrize("command", ["train", "sample", "chat", "eval"])
