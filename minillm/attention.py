@@ -77,7 +77,8 @@ def _kernel_for(q):
     batch 12, 4 heads, context 64 (the scale chapter measures it), and they are even near 192
     positions; from 256 on, the fused kernel is the faster. Elsewhere, PyTorch's own choice."""
     short = q.shape[2] <= 128
-    if q.device.type == "cpu" and q.dtype != torch.float32 and q.requires_grad and short:
+    half = q.dtype in (torch.bfloat16, torch.float16)
+    if q.device.type == "cpu" and half and q.requires_grad and short:
         return sdpa_kernel(SDPBackend.MATH)
     return contextlib.nullcontext()
 
