@@ -347,6 +347,11 @@ def main(
             target=target,
             met=ok,
             rows=[dict(zip(keys, (n, round(s, 1), k, t, round(b, 4)))) for n, s, k, t, b in rows],
+            # ours, in the order they ran: where their seconds went
+            ours=[
+                dict(dtype=d, setup=round(o["setup"], 1), calibration=round(o["calibration"], 1))
+                for d, o in zip(dtypes, runs)
+            ],
             when=time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
             torch=torch.__version__,
         )
