@@ -70,8 +70,8 @@ def _attend(q, k, v, **kwargs):
     """`F.scaled_dot_product_attention`, but in float32 when it trains in 16 bits on a CPU. There,
     PyTorch's fused CPU kernel is slower in bf16 than in float32 (torch 2.13, the scale chapter
     measures it: over four times at context 64, a little at 384), by its backward pass, and
-    converting q, k and v to float32 and the output back costs less than the difference. Returns
-    the dtype that the kernel would have returned."""
+    converting q, k and v to float32 and the output back costs less than the difference. The
+    output has the dtype that the kernel would have given it."""
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else v.dtype
     half = dtype in (torch.bfloat16, torch.float16)
     if q.device.type != "cpu" or not half or not q.requires_grad:
